@@ -1,0 +1,44 @@
+"""Core's own plugin: the VP process, pixel space, no conditioning, thresholding, the oracle."""
+
+from __future__ import annotations
+
+from diffplug.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_processes(register: Register) -> None:
+    register("vp", "diffplug.vp:VP", "DDPM's discrete variance-preserving process")
+
+
+@hookimpl
+def register_autoencoders(register: Register) -> None:
+    register("identity", "diffplug.components:IdentityAutoencoder", "pixel space (no autoencoder)")
+
+
+@hookimpl
+def register_conditioners(register: Register) -> None:
+    register("none", "diffplug.components:NullConditioner", "no conditioning")
+
+
+@hookimpl
+def register_transforms(register: Register) -> None:
+    register("static", "diffplug.transforms:StaticThreshold", "clip x0_hat to [-1, 1]")
+    register("dynamic", "diffplug.transforms:DynamicThreshold", "Imagen's dynamic thresholding")
+
+
+@hookimpl
+def register_denoisers(register: Register) -> None:
+    register(
+        "gmm-oracle",
+        "diffplug.oracle:GaussianMixtureDenoiser",
+        "exact E[x0|x_t] of a Gaussian mixture (a reference, not a network)",
+    )
+
+
+@hookimpl
+def register_pretrained(register: Register) -> None:
+    register(
+        "gmm-digits",
+        "diffplug:weights/gmm-digits.safetensors",
+        "Gaussian mixture at the ten class means of the 8x8 digits (exact oracle, no training)",
+    )

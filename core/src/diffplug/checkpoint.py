@@ -1,0 +1,202 @@
+"""Checkpoints: safetensors only, self-describing, validated before anything is allocated.
+
+The metadata records the component's kind, plugin, registered name and full config, so a
+file alone rebuilds its component. Pickles (.pt, .ckpt, .bin, ...) are refused: loading one
+can run arbitrary code. The header is checked (JSON size, dtypes, shapes, offsets against the
+file length) before safetensors reads a byte of tensor data, so a hostile header cannot make
+the loader allocate unbounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffplug.atomic import atomic_path
+from diffplug.errors import CheckpointError, UnknownComponentError, UserError
+from diffplug.registry import Registry, default_registry
+
+FORMAT = "diffplug/1"
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar"}
+MAX_HEADER = 100 * 1024 * 1024
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate a safetensors file's header; return (tensor entries, metadata). No torch."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: {path.suffix} files are pickles, which can run code when loaded; "
+            "diffplug loads only .safetensors checkpoints (convert it with safetensors first)"
+        )
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{path}: this is a pickle (torch.save) file, which can run code when loaded; "
+                "diffplug loads only safetensors checkpoints"
+            )
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (bad header size)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: malformed metadata")
+    data_len = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        spans.append(_check_entry(path, name, entry, data_len))
+    spans.sort()
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor data overlaps or has gaps (corrupt file)")
+        end = stop
+    if end != data_len:
+        raise CheckpointError(
+            f"{path}: truncated or padded: header describes {end} bytes of data, file has "
+            f"{data_len}"
+        )
+    return header, metadata
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[int, int]:
+    bad = CheckpointError(f"{path}: malformed header entry for tensor {name!r}")
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise bad
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not isinstance(offsets, list):
+        raise bad
+    if len(offsets) != 2 or not all(type(v) is int and v >= 0 for v in (*shape, *offsets)):
+        raise bad
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} is larger than the file (truncated?)")
+    begin, stop = offsets
+    if stop - begin != numel * DTYPE_SIZES[dtype] or stop > data_len or begin > stop:
+        raise CheckpointError(f"{path}: tensor {name!r} does not fit the file (truncated?)")
+    return begin, stop
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The diffplug metadata of a checkpoint (kind, plugin, name, config...), validated."""
+    _, meta = read_header(path)
+    if meta.get("diffplug.format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: a safetensors file but not a diffplug checkpoint (no diffplug metadata)"
+        )
+    try:
+        config = json.loads(meta["diffplug.config"])
+        return {
+            "kind": meta["diffplug.kind"],
+            "plugin": meta["diffplug.plugin"],
+            "name": meta["diffplug.name"],
+            "config": config,
+            "extra": json.loads(meta.get("diffplug.extra", "{}")),
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: incomplete diffplug metadata ({exc})") from None
+
+
+def identify(component: Any, kind: str, registry: Registry | None = None) -> tuple[str, str]:
+    """(plugin, name) under which ``component``'s class is registered."""
+    registry = registry or default_registry()
+    cls = type(component)
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for entry in registry.entries(kind):
+        if entry.target == target:
+            return entry.dist, entry.name
+    raise UserError(f"{cls.__qualname__} is not a registered {kind}; register it to save it")
+
+
+def save_component(
+    component: Any,
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    extra: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    registry: Registry | None = None,
+) -> None:
+    """Write ``component`` (its state dict, or ``tensors``) and its identity, atomically."""
+    import dataclasses
+
+    plugin, name = identify(component, kind, registry)
+    state = tensors if tensors is not None else component.state_dict()
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    metadata = {
+        "diffplug.format": FORMAT,
+        "diffplug.kind": kind,
+        "diffplug.plugin": plugin,
+        "diffplug.name": name,
+        "diffplug.config": json.dumps(dataclasses.asdict(component.config), sort_keys=True),
+        "diffplug.extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, os.fspath(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a validated safetensors file."""
+    read_header(path)
+    out = {}
+    with safe_open(os.fspath(path), framework="pt", device=device) as fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+            out[key] = fh.get_tensor(key)
+    return out
+
+
+def load_component(
+    path: str | os.PathLike[str],
+    *,
+    kind: str | None = None,
+    registry: Registry | None = None,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """Rebuild a component from a checkpoint: class from the registry, config from metadata."""
+    registry = registry or default_registry()
+    meta = read_metadata(path)
+    if kind is not None and meta["kind"] != kind:
+        raise CheckpointError(f"{path}: a {meta['kind']} checkpoint, but a {kind} is needed here")
+    try:
+        cls = registry.load(meta["kind"], f"{meta['plugin']}:{meta['name']}")
+    except UnknownComponentError:
+        raise CheckpointError(
+            f"{path}: needs {meta['kind']} {meta['name']!r} from {meta['plugin']}, which is not "
+            f"installed: pip install {meta['plugin']}"
+        ) from None
+    component = cls.from_options(**meta["config"])
+    state = load_tensors(path)
+    try:
+        component.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the config: {exc}") from None
+    component.checkpoint_extra = meta["extra"]
+    return component.to(device).eval()

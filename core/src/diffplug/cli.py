@@ -1,0 +1,209 @@
+"""The ``diffplug`` command line. Listing commands never import torch.
+
+Exit codes: 0 ok; 2 bad input or usage (one clear line); 1 internal failure; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from diffplug.errors import DiffplugError, NonFiniteError, PluginError, UserError
+from diffplug.registry import KINDS, Registry, default_registry, resolve_kind
+
+BUILTIN_COMMANDS = {
+    "run": ("diffplug.commands.run:run", "Draw samples from a model with a sampler."),
+    "train": ("diffplug.commands.train:train", "Train a denoiser with a method's loss."),
+    "eval": ("diffplug.commands.evaluate:evaluate", "Score samples: digits FD, classes, memorisation."),
+}
+PLURALS = {"scheduler": "samplers", "process": "processes", "pretrained": "pretrained models"}
+
+
+class LazyGroup(click.Group):
+    """Commands (core's and plugins') are imported only when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx)) | set(BUILTIN_COMMANDS)
+        names |= {e.name for e in default_registry().entries("command")}
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        if name in BUILTIN_COMMANDS:
+            module, _, attr = BUILTIN_COMMANDS[name][0].partition(":")
+            import importlib
+
+            return getattr(importlib.import_module(module), attr)
+        for entry in default_registry().entries("command"):
+            if entry.name == name:
+                loaded = entry.load()
+                if not isinstance(loaded, click.Command):
+                    raise PluginError(f"plugin {entry.dist}: {entry.target} is not a click command")
+                return loaded
+        return None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List commands from their registered summaries: no plugin code is imported."""
+        rows = [(n, c.get_short_help_str(60)) for n, c in self.commands.items()]
+        rows += [(n, help) for n, (_, help) in BUILTIN_COMMANDS.items()]
+        rows += [(e.name, e.summary) for e in default_registry().entries("command")]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="diffplug")
+def cli() -> None:
+    """diffplug: diffusion samplers and models as plugins.
+
+    \b
+    diffplug plugins                 what is installed
+    diffplug list samplers           components of one kind
+    diffplug run --sampler ddim      sample the default model to samples.png
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def plugins(as_json: bool) -> None:
+    """Installed plugins, their versions, components, and load errors."""
+    registry = default_registry()
+    rows = []
+    for info in registry.plugins.values():
+        by_kind: dict[str, list[str]] = {}
+        for e in info.entries:
+            by_kind.setdefault(e.kind, []).append(e.name)
+        rows.append(
+            {"name": info.name, "version": info.version, "module": info.module,
+             "components": by_kind, "error": info.error}
+        )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        status = f"  FAILED: {row['error']}" if row["error"] else ""
+        click.echo(f"{row['name']} {row['version']}{status}")
+        for kind, names in row["components"].items():
+            click.echo(f"  {kind}: {', '.join(names)}")
+
+
+@cli.command(name="list")
+@click.argument("kind", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def list_components(kind: str | None, as_json: bool) -> None:
+    """Components of KIND (samplers, denoisers, models, ...), or of every kind."""
+    registry = default_registry()
+    kinds = [resolve_kind(kind)] if kind else list(KINDS)
+    data = {
+        k: [
+            {"name": n, "plugin": registry.get(k, n).dist, "summary": registry.get(k, n).summary}
+            for n in registry.names(k)
+        ]
+        for k in kinds
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for k, rows in data.items():
+        if not rows and not kind:
+            continue
+        click.echo(f"{PLURALS.get(k, k + 's')}:")
+        for row in rows:
+            click.echo(f"  {row['name']:<20} {row['summary']}  [{row['plugin']}]")
+        if not rows:
+            click.echo("  (none installed)")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--kind", help="the kind, when NAME is used by several kinds")
+def info(name: str, kind: str | None) -> None:
+    """One component: what it is, where it comes from, and its options with defaults."""
+    registry = default_registry()
+    entry = _find_any(registry, name, kind)
+    click.echo(f"{entry.name} ({_kind_label(entry.kind)}) from {entry.dist}")
+    if entry.summary:
+        click.echo(f"  {entry.summary}")
+    click.echo(f"  target: {entry.target}")
+    if entry.kind == "pretrained":
+        from diffplug.checkpoint import read_metadata
+
+        meta = read_metadata(entry.load())
+        click.echo(f"  {meta['kind']} {meta['plugin']}:{meta['name']}")
+        for k, v in sorted(meta["config"].items()):
+            click.echo(f"    {k} = {v!r}")
+        for k, v in sorted(meta["extra"].items()):
+            click.echo(f"    [{k}] {v!r}" if not isinstance(v, dict | list) else f"    [{k}] ...")
+        return
+    obj = entry.load()
+    config = getattr(obj, "Config", None)
+    if config is None:
+        return
+    from diffplug.options import describe
+
+    options = describe(config)
+    click.echo("  options:" if options else "  no options")
+    for o in options:
+        extra = f" (one of: {', '.join(map(str, o.choices))})" if o.choices else ""
+        flag = "--" + o.name.replace("_", "-")
+        click.echo(f"    {flag:<24} default {o.default!r}: {o.help}{extra}")
+
+
+def _kind_label(kind: str) -> str:
+    return "sampler" if kind == "scheduler" else kind
+
+
+def _find_any(registry: Registry, name: str, kind: str | None) -> Any:
+    if kind:
+        return registry.get(kind, name)
+    bare = name.rpartition(":")[2]
+    kinds = [k for k in KINDS if any(e.name == bare for e in registry.entries(k))]
+    if not kinds:
+        everything = sorted({e.name for k in KINDS for e in registry.entries(k)})
+        raise UserError(f"nothing named {name!r} is installed; installed: {', '.join(everything)}")
+    if len(kinds) > 1:
+        raise UserError(
+            f"{name!r} names a {' and a '.join(map(_kind_label, kinds))}; pass --kind"
+        )
+    return registry.get(kinds[0], name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning errors into one line and an exit code."""
+    debug = os.environ.get("DIFFPLUG_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="diffplug", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("diffplug: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("diffplug: interrupted; no output was written", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if exc.exit_code == 2 else exc.exit_code)
+    except (UserError, PluginError) as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"diffplug: error: {exc}", err=True)
+        sys.exit(2)
+    except NonFiniteError as exc:
+        click.echo(f"diffplug: error: {exc}", err=True)
+        sys.exit(1)
+    except (DiffplugError, Exception) as exc:  # an internal failure: short, with a way to see more
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"diffplug: internal error: {type(exc).__name__}: {exc} (DIFFPLUG_DEBUG=1 shows "
+            "the traceback)",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(0)

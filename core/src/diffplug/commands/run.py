@@ -1,0 +1,105 @@
+"""``diffplug run``: sample a model with a sampler and write a PNG grid or a tensor file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffplug.errors import UserError
+
+
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="Any other --OPTION is passed to the sampler; `diffplug info SAMPLER` lists them.",
+)
+@click.option("--sampler", required=True, help="sampler name (`diffplug list samplers`)")
+@click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="sample k uses seed+k")
+@click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
+@click.option(
+    "--output", "-o", default="samples.png", show_default=True, help=".png grid or .safetensors"
+)
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@click.option("--threshold", type=click.Choice(["none", "static", "dynamic"]), default="none",
+              show_default=True, help="x0_hat thresholding at every step")
+@click.option("--threshold-percentile", type=click.FloatRange(0, 1, min_open=True), default=0.995,
+              show_default=True, help="p for dynamic thresholding")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.pass_context
+def run(ctx: click.Context, **kw: Any) -> None:
+    """Draw samples from a model with a sampler."""
+    from diffplug.output import check_output_path
+    from diffplug.resolve import parse_extra_options
+
+    output = check_output_path(kw.pop("output"), kw["overwrite"])
+    sampler_options = parse_extra_options(list(ctx.args))
+    _run(output=output, sampler_options=sampler_options, **kw)
+
+
+def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
+    import torch
+
+    from diffplug import __version__
+    from diffplug.output import write_samples
+    from diffplug.registry import default_registry
+    from diffplug.resolve import build_scheduler, default_model, load_model
+    from diffplug.sampling import sample
+    from diffplug.transforms import DynamicConfig, DynamicThreshold, StaticThreshold
+
+    registry = default_registry()
+    scheduler = build_scheduler(registry, kw["sampler"], sampler_options)
+    device = _device(kw["device"])
+    model_name = kw["model"] or default_model(registry, scheduler)
+    denoiser, label = load_model(registry, model_name, device=device)
+    transforms = []
+    if kw["threshold"] == "static":
+        transforms.append(StaticThreshold())
+    elif kw["threshold"] == "dynamic":
+        transforms.append(DynamicThreshold(DynamicConfig(percentile=kw["threshold_percentile"])))
+    seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
+    plan_info = scheduler.plan(denoiser.process, kw["steps"]).info
+    samples = sample(
+        denoiser,
+        scheduler,
+        steps=kw["steps"],
+        seeds=seeds,
+        batch_size=kw["batch_size"],
+        transforms=transforms,
+        progress=not kw["quiet"],
+        device=device,
+    )
+    import dataclasses
+
+    recipe = {
+        "sampler": {"name": scheduler.name, "options": dataclasses.asdict(scheduler.config)},
+        "model": {"name": label, "config": dataclasses.asdict(denoiser.config)},
+        "steps": kw["steps"],
+        "timesteps": plan_info.get("timesteps"),
+        "seeds": seeds,
+        "threshold": kw["threshold"],
+        "device": str(device),
+        "versions": {"diffplug": __version__, "torch": torch.__version__}
+        | {p.name: p.version for p in registry.plugins.values()},
+    }
+    write_samples(samples, output, recipe)
+    print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    return device

@@ -1,0 +1,106 @@
+"""``diffplug train``: train a denoiser with a method's loss on the digits or a folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from diffplug.errors import OptionError, UserError
+
+
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="Other --OPTIONs go to the method, the denoiser or the loop, whichever has them "
+    "(`diffplug info METHOD`, `diffplug info unet`).",
+)
+@click.option("--method", required=True, help="training method (`diffplug list methods`)")
+@click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
+@click.option("--size", type=click.IntRange(min=4), default=8, show_default=True, help="pixels")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True)
+@click.option("--denoiser", default=None, help="denoiser name (default: the method's)")
+@click.option("--steps", type=click.IntRange(min=1), default=20000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--out", default=None, help="output directory (default: runs/METHOD)")
+@click.option("--resume", is_flag=True, help="continue from the last checkpoint in --out")
+@click.option("--overwrite", is_flag=True, help="start over in an --out that has a run")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.pass_context
+def train(ctx: click.Context, **kw: Any) -> None:
+    """Train a denoiser; the EMA weights land in OUT/model.safetensors."""
+    from diffplug.resolve import parse_extra_options
+
+    extras = parse_extra_options(list(ctx.args))
+    out = Path(kw.pop("out") or f"runs/{kw['method']}")
+    if (out / "latest").exists() and not (kw["resume"] or kw["overwrite"]):
+        raise UserError(f"{out} already holds a run; pass --resume to continue or --overwrite")
+    if kw["resume"] and not (out / "latest").exists():
+        raise UserError(f"--resume: {out} has no checkpoint to resume from")
+    if kw["resume"] and kw["overwrite"]:
+        raise UserError("--resume and --overwrite contradict each other")
+    _train(out, extras, **kw)
+
+
+def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
+    import dataclasses
+
+    import torch
+
+    from diffplug.commands.run import _device
+    from diffplug.data import load_data
+    from diffplug.options import build_config, describe
+    from diffplug.registry import default_registry
+    from diffplug.training import TrainConfig, train
+
+    registry = default_registry()
+    method_cls = registry.load("method", kw["method"])
+    denoiser_name = kw["denoiser"] or method_cls.default_denoiser
+    denoiser_cls = registry.load("denoiser", denoiser_name)
+
+    def owned(cls: type) -> set[str]:
+        return {o.name for o in describe(cls)}
+
+    groups: dict[str, dict[str, str]] = {"method": {}, "denoiser": {}, "loop": {}}
+    owners = [("method", owned(method_cls.Config)), ("loop", owned(TrainConfig)),
+              ("denoiser", owned(denoiser_cls.Config))]  # fmt: skip
+    for key, value in extras.items():
+        owner = next((name for name, keys in owners if key in keys), None)
+        if owner is None:
+            every = sorted(set().union(*(keys for _, keys in owners)))
+            raise OptionError(
+                f"no method, denoiser or loop option --{key.replace('_', '-')}; options: "
+                + ", ".join("--" + k.replace("_", "-") for k in every)
+            )
+        groups[owner][key] = value
+    method = method_cls(build_config(method_cls.Config, groups["method"], owner=kw["method"]))
+    loop = build_config(TrainConfig, {**groups["loop"], "steps": kw["steps"],
+                                      "batch_size": kw["batch_size"]}, owner="train")  # fmt: skip
+    data = load_data(kw["data"], kw["size"], "train", int(kw["channels"]))
+    denoiser_options = {"channels": int(kw["channels"]), "size": kw["size"],
+                        **method.denoiser_defaults(), **groups["denoiser"]}  # fmt: skip
+    torch.manual_seed(loop.seed)
+    denoiser = denoiser_cls.from_options(**denoiser_options)
+    if kw["overwrite"] and out.exists():
+        import shutil
+
+        for item in [out / "latest", out / "model.safetensors", *out.glob("state-*")]:
+            if item.is_dir():
+                shutil.rmtree(item)
+            elif item.exists():
+                item.unlink()
+    device = _device(kw["device"])
+    params = sum(p.numel() for p in denoiser.parameters())
+    print(f"diffplug: training {denoiser_name} ({params / 1e6:.2f}M parameters) with "
+          f"{kw['method']} on {len(data)} images, {loop.steps} steps -> {out}", file=sys.stderr)  # fmt: skip
+    extra = {"method": {"name": kw["method"], **dataclasses.asdict(method.config)},
+             "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
+             "command": " ".join(["diffplug", "train", *sys.argv[2:]])}  # fmt: skip
+    result = train(denoiser, method, data, loop, out, resume=kw["resume"], device=device,
+                   progress=not kw["quiet"], extra=extra)  # fmt: skip
+    print(f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "
+          f"{result.images_per_second:.0f} images/s; model at {out / 'model.safetensors'}",
+          file=sys.stderr)  # fmt: skip
+    del torch

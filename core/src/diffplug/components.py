@@ -1,0 +1,153 @@
+"""The four component interfaces: Scheduler, Denoiser, Conditioner, Autoencoder.
+
+Each component has a ``Config`` dataclass of options (see ``diffplug.options``) and is built
+from it, so a checkpoint's JSON config alone rebuilds the component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from diffplug.options import NoOptions, build_config, option
+from diffplug.plan import Plan
+from diffplug.prediction import ARITY, check_kind
+from diffplug.process import Process, build_process
+
+Cond = dict[str, torch.Tensor] | None
+
+
+class _Configurable:
+    Config: ClassVar[type] = NoOptions
+    #: the registered name; set by ``diffplug.checkpoint`` and the registry helpers.
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Any:
+        """Build from loose option values (CLI strings or JSON), checked and coerced."""
+        return cls(build_config(cls.Config, options, owner=f"{cls.__name__}"))
+
+
+class Scheduler(_Configurable, ABC):
+    """A sampler: turns a process and a step count into a ``Plan``."""
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def supports(self, process: Process) -> str | None:
+        """``None`` if this sampler can run on ``process``, else the reason it cannot."""
+        return None
+
+    @abstractmethod
+    def plan(self, process: Process, steps: int) -> Plan:
+        """Every step's time and update coefficients, computed once per run."""
+
+
+@dataclasses.dataclass
+class DenoiserConfig:
+    """Options every denoiser has; a denoiser's own Config subclasses this."""
+
+    channels: int = option(1, "image (or latent) channels", min=1)
+    size: int = option(16, "image (or latent) height and width", min=1)
+    prediction: str = option("eps", "what the network outputs", choices=tuple(ARITY))
+    process: dict = option({"name": "vp"}, "the forward process it is trained on")
+    conditioning: str | None = option(None, "conditioning kind: None, class, text or image")
+
+
+class Denoiser(_Configurable, nn.Module):
+    """A network ``forward(x_t, t, cond) -> prediction`` trained on one process.
+
+    ``t`` is a float tensor of shape (B,) in the process's own time units (integer-valued
+    timesteps for VP, (0, 1] for ADM). The output is one tensor of x's shape, or a tuple of
+    them for paired predictions (``c_eps``).
+    """
+
+    Config: ClassVar[type] = DenoiserConfig
+
+    def __init__(self, config: Any = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config if config is not None else self.Config()
+        check_kind(self.config.prediction)
+        self.process: Process = build_process(self.config.process)
+
+    @property
+    def prediction(self) -> str:
+        return self.config.prediction
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.config.channels, self.config.size, self.config.size)
+
+    @property
+    def conditioning(self) -> str | None:
+        return self.config.conditioning
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Any:
+        """The prediction for noisy ``x`` at times ``t``."""
+
+
+class Conditioner(_Configurable, nn.Module):
+    """Turns user inputs (prompts, labels, images) into batched conditioning tensors."""
+
+    #: the conditioning kind produced ("class", "text", "image"); None for unconditional.
+    kind: ClassVar[str | None] = None
+
+    def __init__(self, config: Any = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def forward(self, inputs: Sequence[Any]) -> Cond:
+        """Conditioning for a batch of inputs, one per sample."""
+
+    def null(self, batch: int) -> Cond:
+        """The 'no condition' embedding (classifier-free guidance's unconditional half)."""
+        return self.forward([None] * batch)
+
+
+class Autoencoder(_Configurable, nn.Module):
+    """Maps images to the space the denoiser works in (pixels or latents), and back."""
+
+    def __init__(self, config: Any = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to the denoiser's space."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The denoiser's space back to images in [-1, 1]."""
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return image_shape
+
+    def image_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return latent_shape
+
+
+class IdentityAutoencoder(Autoencoder):
+    """Pixel space: the denoiser works on images directly."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class NullConditioner(Conditioner):
+    """No conditioning: unconditional models need nothing else."""
+
+    def forward(self, inputs: Sequence[Any]) -> Cond:
+        return None
+
+    def null(self, batch: int) -> Cond:
+        return None

@@ -1,0 +1,62 @@
+"""A sampler's plan: where to evaluate the denoiser and how to update x after each call.
+
+Almost every diffusion sampler's step is linear in (x_t, x0_hat, eps_hat, z):
+
+    x_next = a[i]*x_t + b[i]*x0_hat + c[i]*eps_hat + d[i]*z,   z ~ N(0, I)
+
+so a sampler is a short function that fills these tables once per run (DDPM, DDIM and ADM's
+posterior steps all fit). The loop folds them with the prediction conversion into two or
+three fused tensor ops per step: no per-step schedule work, no host-device sync. A sampler
+whose step is not linear (multistep, Heun) subclasses ``Plan`` and overrides ``update``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from diffplug.errors import UserError
+
+
+@dataclass
+class Plan:
+    """Per-step tables, host-side floats computed once (float64)."""
+
+    #: process times at which the denoiser is called, strictly decreasing, shape (N,).
+    t: torch.Tensor
+    alpha: list[float]
+    sigma: list[float]
+    a: list[float]
+    b: list[float]
+    c: list[float]
+    d: list[float]
+    #: x at the first step is ``init_scale * z``.
+    init_scale: float = 1.0
+    #: x0_hat transforms the sampler itself asks for (e.g. DDPM's ``clip_sample``).
+    transforms: list = field(default_factory=list)
+    #: extra facts for the recipe (resolved timesteps, spacing...).
+    info: dict = field(default_factory=dict)
+
+    #: False when ``update`` is overridden, so the loop must not fold the tables.
+    linear = True
+
+    def __post_init__(self) -> None:
+        n = len(self.t)
+        lengths = {len(v) for v in (self.alpha, self.sigma, self.a, self.b, self.c, self.d)}
+        if lengths != {n}:
+            raise UserError(f"malformed plan: tables of lengths {sorted(lengths)} for {n} steps")
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def noisy(self, i: int) -> bool:
+        """Whether step ``i`` draws fresh noise (known on the host: no sync)."""
+        return self.d[i] != 0.0
+
+    def update(
+        self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The step, for samplers whose update is not the linear form above."""
+        out = x * self.a[i] + x0 * self.b[i] + eps * self.c[i]
+        return out if z is None else out + z * self.d[i]

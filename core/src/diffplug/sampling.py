@@ -1,0 +1,248 @@
+"""The one sampling loop: any scheduler x denoiser x conditioner x autoencoder.
+
+Work per run (schedules, conversion coefficients, time tensors) is done before the first
+step; a step is the denoiser call plus two or three fused tensor ops with host-side float
+coefficients, so the loop never syncs with the device and never re-derives a schedule.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffplug.components import Autoencoder, Conditioner, Cond, Denoiser, Scheduler
+from diffplug.errors import IncompatibleError, NonFiniteError, UserError
+from diffplug.noise import NoiseSource
+from diffplug.plan import Plan
+from diffplug.prediction import ARITY, as_tuple, linear
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What a per-step callback sees (for previews and logging)."""
+
+    index: int
+    steps: int
+    t: float
+    x: torch.Tensor
+    x0: torch.Tensor
+    seeds: Sequence[int]
+
+
+@dataclass
+class _Tables:
+    """A plan folded with the prediction conversion: host floats, computed once."""
+
+    x0_x: list[float]
+    x0_p: list[tuple[float, ...]]
+    eps_x: list[float]
+    eps_p: list[tuple[float, ...]]
+    # fused: x_next = fx*x + sum_j fp[j]*pred[j] (+ d*z)
+    fx: list[float]
+    fp: list[tuple[float, ...]]
+
+
+def fold(plan: Plan, prediction: str) -> _Tables:
+    """Fold the prediction -> (x0, eps) maps into the plan's update coefficients."""
+    x0_x, x0_p, eps_x, eps_p, fx, fp = [], [], [], [], [], []
+    for i in range(len(plan)):
+        lin = linear(prediction, plan.alpha[i], plan.sigma[i])
+        a, b, c = plan.a[i], plan.b[i], plan.c[i]
+        x0_x.append(lin.x0_x)
+        x0_p.append(lin.x0_p)
+        eps_x.append(lin.eps_x)
+        eps_p.append(lin.eps_p)
+        fx.append(a + _mul(b, lin.x0_x) + _mul(c, lin.eps_x))
+        fp.append(tuple(_mul(b, p) + _mul(c, q) for p, q in zip(lin.x0_p, lin.eps_p, strict=True)))
+    return _Tables(x0_x, x0_p, eps_x, eps_p, fx, fp)
+
+
+def _mul(coef: float, value: float) -> float:
+    """coef*value with 0*inf = 0: a term the update does not use cannot poison it."""
+    return 0.0 if coef == 0.0 else coef * value
+
+
+def _combine(xc: float, x: torch.Tensor, coefs: tuple[float, ...], preds: tuple) -> torch.Tensor:
+    out = x * xc
+    for coef, p in zip(coefs, preds, strict=True):
+        if coef != 0.0:
+            out.add_(p, alpha=coef)
+    return out
+
+
+def check_compatible(
+    denoiser: Denoiser,
+    scheduler: Scheduler,
+    conditioner: Conditioner | None = None,
+    autoencoder: Autoencoder | None = None,
+) -> None:
+    """Refuse, before the first step, components that cannot run together."""
+    reason = scheduler.supports(denoiser.process)
+    if reason:
+        raise IncompatibleError(f"sampler {scheduler.name or type(scheduler).__name__}: {reason}")
+    wanted = denoiser.conditioning
+    given = getattr(conditioner, "kind", None)
+    if wanted != given and not (wanted is None and given is None):
+        raise IncompatibleError(
+            f"the denoiser expects {wanted or 'no'} conditioning but the conditioner gives "
+            f"{given or 'none'}"
+        )
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler: Scheduler,
+    *,
+    steps: int,
+    seeds: Sequence[int],
+    batch_size: int | None = None,
+    conditioner: Conditioner | None = None,
+    conditions: Sequence[Any] | None = None,
+    guidance: float = 1.0,
+    autoencoder: Autoencoder | None = None,
+    transforms: Sequence[Transform] = (),
+    callback: Callable[[Step], None] | None = None,
+    progress: bool = False,
+    check_finite: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None = None,
+) -> torch.Tensor:
+    """Draw ``len(seeds)`` samples; sample k is seeded by ``seeds[k]``.
+
+    Returns images (N, C, H, W) in the data range (decoded when ``autoencoder`` is given).
+    ``conditions`` holds one input per sample for ``conditioner``; with ``guidance != 1``
+    the conditional and unconditional halves run in one batched call and are combined as
+    ``uncond + guidance * (cond - uncond)``. ``noise(seeds, shape, noisy_steps)`` may replace
+    the per-sample generators (for tests against another library's noise).
+    """
+    if steps <= 0:
+        raise UserError(f"steps must be a positive integer; got {steps}")
+    if not seeds:
+        raise UserError("nothing to sample: no seeds given")
+    check_compatible(denoiser, scheduler, conditioner, autoencoder)
+    if conditions is not None and len(conditions) != len(seeds):
+        raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
+    if device is None:
+        device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+
+    plan = scheduler.plan(denoiser.process, steps)
+    tables = fold(plan, denoiser.prediction)
+    all_transforms = [*plan.transforms, *transforms]
+    fused = plan.linear and not all_transforms and callback is None
+    n = len(plan)
+    noisy_steps = sum(plan.noisy(i) for i in range(n))
+    times = list(plan.t.to(device=device, dtype=dtype).unbind(0))
+    arity = ARITY[denoiser.prediction]
+    guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
+    batch_size = batch_size or len(seeds)
+    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+
+    was_training = denoiser.training
+    denoiser.eval()
+    out = []
+    bar = tqdm(
+        total=n * len(batches),
+        disable=not progress,
+        desc="sampling",
+        unit="step",
+        file=sys.stderr,
+        leave=False,
+    )
+    try:
+        with torch.inference_mode():
+            start = 0
+            for batch_seeds in batches:
+                size = len(batch_seeds)
+                cond, null = _conditioning(conditioner, conditions, start, size, guided)
+                shape = denoiser.sample_shape
+                src = (
+                    noise(batch_seeds, shape, noisy_steps)
+                    if noise is not None
+                    else NoiseSource(
+                        batch_seeds, shape, steps=noisy_steps, device=device, dtype=dtype
+                    )
+                )
+                x = src.initial().to(device=device, dtype=dtype) * plan.init_scale
+                health = torch.zeros((n, size), device=device, dtype=dtype) if check_finite else None
+
+                def model(x: torch.Tensor, i: int, cond: Cond = cond, null: Cond = null) -> tuple:
+                    t = times[i].expand(x.shape[0])
+                    if not guided:
+                        return as_tuple(denoiser(x, t, cond))
+                    both = as_tuple(denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null)))
+                    return tuple(torch.lerp(u, c, guidance) for c, u in (p.chunk(2) for p in both))
+
+                for i in range(n):
+                    pred = model(x, i)
+                    if len(pred) != arity:
+                        raise UserError(
+                            f"the denoiser returned {len(pred)} tensors but declares "
+                            f"prediction {denoiser.prediction!r} ({arity})"
+                        )
+                    if health is not None:
+                        for p in pred:
+                            health[i] += p.reshape(size, -1).sum(1)
+                    z = src.next().to(device=device, dtype=dtype) if plan.noisy(i) else None
+                    if fused:
+                        x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
+                        if z is not None:
+                            x_next.add_(z, alpha=plan.d[i])
+                    else:
+                        x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
+                        eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
+                        for transform in all_transforms:
+                            x0 = transform(x0)
+                        x_next = plan.update(i, x, x0, eps, z)
+                        if callback is not None:
+                            callback(Step(i, n, float(plan.t[i]), x_next, x0, batch_seeds))
+                    x = x_next
+                    bar.update(1)
+                if health is not None:
+                    _raise_if_nonfinite(health, batch_seeds, plan)
+                if autoencoder is not None:
+                    x = autoencoder.decode(x)
+                out.append(x)
+                start += size
+    finally:
+        bar.close()
+        denoiser.train(was_training)
+    return torch.cat(out)
+
+
+def _conditioning(
+    conditioner: Conditioner | None,
+    conditions: Sequence[Any] | None,
+    start: int,
+    size: int,
+    guided: bool,
+) -> tuple[Cond, Cond]:
+    if conditioner is None:
+        return None, None
+    inputs = list(conditions[start : start + size]) if conditions is not None else [None] * size
+    cond = conditioner(inputs)
+    return cond, (conditioner.null(size) if guided else None)
+
+
+def _cat(a: Cond, b: Cond) -> Cond:
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _raise_if_nonfinite(health: torch.Tensor, seeds: Sequence[int], plan: Plan) -> None:
+    bad = ~torch.isfinite(health)
+    if bool(bad.any()):  # one sync per batch, not per step
+        step, k = (int(v) for v in bad.nonzero()[0])
+        raise NonFiniteError(
+            f"the denoiser returned NaN or Inf at step {step + 1}/{len(plan)} "
+            f"(t={float(plan.t[step]):g}) for sample {k} of its batch (seed {seeds[k]})"
+        )

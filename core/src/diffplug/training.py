@@ -1,0 +1,266 @@
+"""The one training loop: AdamW, warm-up, gradient clipping, EMA, mixed precision on GPUs,
+atomic checkpoints and exact resume.
+
+Layout of an output directory::
+
+    model.safetensors          the EMA denoiser: `diffplug run --model DIR/model.safetensors`
+    state-<step>/              raw weights, optimizer, RNG (safetensors) and state.json
+    latest                     the name of the newest complete state directory
+
+A state directory is complete before ``latest`` (written atomically) names it, so a crash
+at any moment leaves a resumable run. Every random draw comes from one generator whose state
+is saved, so N steps in one run equal N/2 steps, a resume, and N/2 more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffplug.atomic import atomic_path, atomic_write
+from diffplug.checkpoint import load_tensors, save_component
+from diffplug.components import Denoiser
+from diffplug.data import Dataset
+from diffplug.errors import CheckpointError, UserError
+from diffplug.method import Method
+from diffplug.options import option
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(20000, "optimizer steps", min=1)
+    batch_size: int = option(128, "images per step", min=1)
+    lr: float = option(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
+    lr_schedule: str = option("cosine", "after warm-up", choices=("constant", "cosine"))
+    warmup: int = option(500, "linear learning-rate warm-up steps", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = option(1.0, "clip the gradient norm (0: off)", min=0.0)
+    ema_decay: float = option(0.999, "EMA decay (the EMA weights are used for sampling)",
+                              min=0.0, max=1.0)  # fmt: skip
+    ema_warmup: bool = option(True, "ramp the EMA decay as min(decay, (1+n)/(10+n))")
+    cond_dropout: float = option(0.1, "probability of dropping a label (guidance)", min=0.0, max=1.0)
+    precision: str = option("auto", "bf16 autocast on CUDA with auto", choices=("auto", "fp32", "bf16"))
+    checkpoint_every: int = option(1000, "steps between checkpoints", min=1)
+    seed: int = option(0, "seed of every random draw")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    images_per_second: float
+    seconds: float
+    losses: list[float]
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class Trainer:
+    """Holds the model, its EMA copy, the optimizer and the generator; runs steps."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        method: Method,
+        data: Dataset,
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.model = denoiser.to(self.device).train()
+        self.ema = [p.detach().clone() for p in self.model.parameters()]
+        self.method = method
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device) if data.labels is not None else None
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.class_conditional = denoiser.conditioning == "class" and self.labels is not None
+
+    def batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        idx = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.generator)
+        idx = idx.to(self.device)
+        x0 = self.images[idx]
+        if not self.class_conditional:
+            return x0, None
+        assert self.labels is not None
+        labels = self.labels[idx].clone()
+        drop = torch.rand(len(idx), generator=self.generator).to(self.device)
+        labels[drop < self.config.cond_dropout] = self.model.config.num_classes
+        return x0, {"labels": labels}
+
+    def train_step(self) -> torch.Tensor:
+        cfg = self.config
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        x0, cond = self.batch()
+        with self.autocast:
+            loss = self.method.loss(self.model, x0, cond, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+        self.opt.step()
+        decay = cfg.ema_decay
+        if cfg.ema_warmup:
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - decay)
+        self.step += 1
+        return loss.detach()
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        names = [n for n, _ in self.model.named_parameters()]
+        for name, value in zip(names, self.ema, strict=True):
+            state[name] = value
+        return state
+
+    def save(self, out: Path, extra: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_component(self.model, out / "model.safetensors", kind="denoiser",
+                       tensors=self.ema_state(), extra=extra)  # fmt: skip
+        state_dir = out / f"state-{self.step:08d}"
+        tmp_dir = out / f".tmp-state-{self.step:08d}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        from safetensors.torch import save_file
+
+        save_file(_contiguous(self.model.state_dict()), str(tmp_dir / "raw.safetensors"))
+        save_file(_contiguous(dict(enumerate(self.ema), )), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
+        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
+        save_file({"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+                  str(tmp_dir / "rng.safetensors"))  # fmt: skip
+        (tmp_dir / "state.json").write_text(json.dumps(
+            {"step": self.step, "train": dataclasses.asdict(self.config), "optimizer": opt_meta,
+             "model": dataclasses.asdict(self.model.config)}, indent=1))  # fmt: skip
+        shutil.rmtree(state_dir, ignore_errors=True)
+        tmp_dir.rename(state_dir)
+        atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))
+        for old in out.glob("state-*"):
+            if old.name != state_dir.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, out: Path) -> None:
+        latest = out / "latest"
+        if not latest.is_file():
+            raise UserError(f"--resume: {out} has no checkpoint to resume from")
+        state_dir = out / latest.read_text().strip()
+        try:
+            meta = json.loads((state_dir / "state.json").read_text())
+            self.model.load_state_dict(load_tensors(state_dir / "raw.safetensors"))
+            ema = load_tensors(state_dir / "ema.safetensors")
+            for i, p in enumerate(self.ema):
+                p.copy_(ema[str(i)])
+            self.opt.load_state_dict(
+                _unflatten_optimizer(load_tensors(state_dir / "optimizer.safetensors"),
+                                     meta["optimizer"])  # fmt: skip
+            )
+            rng = load_tensors(state_dir / "rng.safetensors")
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"--resume: cannot read {state_dir}: {exc}") from None
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        self.step = int(meta["step"])
+
+
+def _contiguous(state: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {str(k): v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {}
+    scalars: dict[str, Any] = {}
+    for idx, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def train(
+    denoiser: Denoiser,
+    method: Method,
+    data: Dataset,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train to ``config.steps`` steps, checkpointing into ``out``; resumes with ``resume``."""
+    out = Path(out)
+    trainer = Trainer(denoiser, method, data, config, device)
+    if resume:
+        trainer.load(out)
+    extra = dict(extra or {})
+    losses: list[float] = []
+    bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="training",
+               unit="step", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    start, images, pending = time.perf_counter(), 0, []
+    try:
+        while trainer.step < config.steps:
+            pending.append(trainer.train_step())
+            images += config.batch_size
+            bar.update(1)
+            if len(pending) == 50 or trainer.step == config.steps:  # one sync per 50 steps
+                values = torch.stack(pending).float().cpu().tolist()
+                losses.extend(values)
+                pending = []
+                rate = images / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
+                if on_step is not None:
+                    on_step(trainer.step, values[-1])
+            if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+                pause = time.perf_counter()
+                info = {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
+                trainer.save(out, info)
+                start += time.perf_counter() - pause  # checkpoint time is not training time
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return TrainResult(trainer.step, losses[-1] if losses else float("nan"),
+                       images / max(seconds, 1e-9), seconds, losses)  # fmt: skip
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "atomic_path", "lr_at", "train"]

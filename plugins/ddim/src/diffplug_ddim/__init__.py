@@ -1,0 +1,1 @@
+"""DDIM for diffplug (Song et al. 2021): the non-Markov sampler for DDPM-trained models."""
