@@ -19,7 +19,10 @@ from diffplug.registry import KINDS, Registry, default_registry, resolve_kind
 BUILTIN_COMMANDS = {
     "run": ("diffplug.commands.run:run", "Draw samples from a model with a sampler."),
     "train": ("diffplug.commands.train:train", "Train a denoiser with a method's loss."),
-    "eval": ("diffplug.commands.evaluate:evaluate", "Score samples: digits FD, classes, memorisation."),
+    "eval": (
+        "diffplug.commands.evaluate:evaluate",
+        "Score samples: digits FD, classes, memorisation.",
+    ),
 }
 PLURALS = {"scheduler": "samplers", "process": "processes", "pretrained": "pretrained models"}
 
@@ -81,9 +84,14 @@ def plugins(as_json: bool) -> None:
         for e in info.entries:
             by_kind.setdefault(e.kind, []).append(e.name)
         rows.append(
-            {"name": info.name, "version": info.version, "module": info.module,
-             "components": by_kind, "error": info.error}
-        )  # fmt: skip
+            {
+                "name": info.name,
+                "version": info.version,
+                "module": info.module,
+                "components": by_kind,
+                "error": info.error,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -169,9 +177,7 @@ def _find_any(registry: Registry, name: str, kind: str | None) -> Any:
         everything = sorted({e.name for k in KINDS for e in registry.entries(k)})
         raise UserError(f"nothing named {name!r} is installed; installed: {', '.join(everything)}")
     if len(kinds) > 1:
-        raise UserError(
-            f"{name!r} names a {' and a '.join(map(_kind_label, kinds))}; pass --kind"
-        )
+        raise UserError(f"{name!r} names a {' and a '.join(map(_kind_label, kinds))}; pass --kind")
     return registry.get(kinds[0], name)
 
 

@@ -39,8 +39,9 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     shrink = size < images.shape[-1]
-    out = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=shrink)  # fmt: skip
+    out = F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
+    )
     return out.clamp(-1, 1)
 
 

@@ -30,7 +30,13 @@ def option(
     min_exclusive: bool = False,
 ) -> Any:
     """A dataclass field that documents and bounds one option."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -71,7 +71,7 @@ class GaussianMixtureDenoiser(Denoiser):
         dim = x.shape[1]
         logits = self.weights.log()[None] - 0.5 * dim * c.log() - 0.5 * dist2 / c
         r = torch.softmax(logits, dim=1)  # (B, K)
-        m = (s2[:, :, None] * self.means[None] + (a * var)[:, :, None] * x[:, None, :])
+        m = s2[:, :, None] * self.means[None] + (a * var)[:, :, None] * x[:, None, :]
         m = m / c[:, :, None]
         return (r[:, :, None] * m).sum(1)
 

@@ -63,7 +63,9 @@ def grid(images: torch.Tensor, ncols: int | None = None, min_cell: int = MIN_CEL
     return canvas
 
 
-def write_samples(samples: torch.Tensor, path: str | os.PathLike[str], recipe: dict[str, Any]) -> None:
+def write_samples(
+    samples: torch.Tensor, path: str | os.PathLike[str], recipe: dict[str, Any]
+) -> None:
     """Write samples (data range) as a PNG grid or a safetensors file, atomically."""
     path = Path(path)
     unit = to_unit(samples)
@@ -72,7 +74,9 @@ def write_samples(samples: torch.Tensor, path: str | os.PathLike[str], recipe: d
         from safetensors.torch import save_file
 
         with atomic_path(path) as tmp:
-            save_file({"samples": unit.contiguous()}, os.fspath(tmp), metadata={"diffplug.recipe": text})
+            save_file(
+                {"samples": unit.contiguous()}, os.fspath(tmp), metadata={"diffplug.recipe": text}
+            )
         return
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo

@@ -254,6 +254,11 @@ class Registry:
                 msg = msg.replace("pip install", "which is installed but failed to load") + (
                     f" ({broken.error})"
                 )
+        failed = [p for p in self.errors() if p.name != provider]
+        if failed:
+            msg += " Plugins that failed to load: " + "; ".join(
+                f"{p.name} ({p.error})" for p in failed
+            )
         return msg
 
     def errors(self) -> Iterator[PluginInfo]:
@@ -273,7 +278,9 @@ def _label(kind: str) -> str:
     return "sampler" if kind == "scheduler" else kind
 
 
-def _check_registration(dist: str, kind: str, name: object, target: object, summary: object) -> None:
+def _check_registration(
+    dist: str, kind: str, name: object, target: object, summary: object
+) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise PluginError(
             f"invalid {kind} name {name!r} (lower-case letters, digits, '-', '_', '.')"

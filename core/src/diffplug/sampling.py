@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffplug.components import Autoencoder, Conditioner, Cond, Denoiser, Scheduler
+from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, UserError
 from diffplug.noise import NoiseSource
 from diffplug.plan import Plan
@@ -172,13 +172,17 @@ def sample(
                     )
                 )
                 x = src.initial().to(device=device, dtype=dtype) * plan.init_scale
-                health = torch.zeros((n, size), device=device, dtype=dtype) if check_finite else None
+                health = (
+                    torch.zeros((n, size), device=device, dtype=dtype) if check_finite else None
+                )
 
                 def model(x: torch.Tensor, i: int, cond: Cond = cond, null: Cond = null) -> tuple:
                     t = times[i].expand(x.shape[0])
                     if not guided:
                         return as_tuple(denoiser(x, t, cond))
-                    both = as_tuple(denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null)))
+                    both = as_tuple(
+                        denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null))
+                    )
                     return tuple(torch.lerp(u, c, guidance) for c, u in (p.chunk(2) for p in both))
 
                 for i in range(n):

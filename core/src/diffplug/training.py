@@ -46,11 +46,16 @@ class TrainConfig:
     warmup: int = option(500, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, "clip the gradient norm (0: off)", min=0.0)
-    ema_decay: float = option(0.999, "EMA decay (the EMA weights are used for sampling)",
-                              min=0.0, max=1.0)  # fmt: skip
+    ema_decay: float = option(
+        0.999, "EMA decay (the EMA weights are used for sampling)", min=0.0, max=1.0
+    )
     ema_warmup: bool = option(True, "ramp the EMA decay as min(decay, (1+n)/(10+n))")
-    cond_dropout: float = option(0.1, "probability of dropping a label (guidance)", min=0.0, max=1.0)
-    precision: str = option("auto", "bf16 autocast on CUDA with auto", choices=("auto", "fp32", "bf16"))
+    cond_dropout: float = option(
+        0.1, "probability of dropping a label (guidance)", min=0.0, max=1.0
+    )
+    precision: str = option(
+        "auto", "bf16 autocast on CUDA with auto", choices=("auto", "fp32", "bf16")
+    )
     checkpoint_every: int = option(1000, "steps between checkpoints", min=1)
     seed: int = option(0, "seed of every random draw")
 
@@ -103,7 +108,9 @@ class Trainer:
         self.class_conditional = denoiser.conditioning == "class" and self.labels is not None
 
     def batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        idx = torch.randint(0, len(self.images), (self.config.batch_size,), generator=self.generator)
+        idx = torch.randint(
+            0, len(self.images), (self.config.batch_size,), generator=self.generator
+        )
         idx = idx.to(self.device)
         x0 = self.images[idx]
         if not self.class_conditional:
@@ -144,8 +151,13 @@ class Trainer:
 
     def save(self, out: Path, extra: dict[str, Any]) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        save_component(self.model, out / "model.safetensors", kind="denoiser",
-                       tensors=self.ema_state(), extra=extra)  # fmt: skip
+        save_component(
+            self.model,
+            out / "model.safetensors",
+            kind="denoiser",
+            tensors=self.ema_state(),
+            extra=extra,
+        )
         state_dir = out / f"state-{self.step:08d}"
         tmp_dir = out / f".tmp-state-{self.step:08d}"
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -153,14 +165,31 @@ class Trainer:
         from safetensors.torch import save_file
 
         save_file(_contiguous(self.model.state_dict()), str(tmp_dir / "raw.safetensors"))
-        save_file(_contiguous(dict(enumerate(self.ema), )), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
+        save_file(
+            _contiguous(
+                dict(
+                    enumerate(self.ema),
+                )
+            ),
+            str(tmp_dir / "ema.safetensors"),
+        )  # type: ignore[arg-type]
         opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
         save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
-        save_file({"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
-                  str(tmp_dir / "rng.safetensors"))  # fmt: skip
-        (tmp_dir / "state.json").write_text(json.dumps(
-            {"step": self.step, "train": dataclasses.asdict(self.config), "optimizer": opt_meta,
-             "model": dataclasses.asdict(self.model.config)}, indent=1))  # fmt: skip
+        save_file(
+            {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            str(tmp_dir / "rng.safetensors"),
+        )
+        (tmp_dir / "state.json").write_text(
+            json.dumps(
+                {
+                    "step": self.step,
+                    "train": dataclasses.asdict(self.config),
+                    "optimizer": opt_meta,
+                    "model": dataclasses.asdict(self.model.config),
+                },
+                indent=1,
+            )
+        )
         shutil.rmtree(state_dir, ignore_errors=True)
         tmp_dir.rename(state_dir)
         atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))
@@ -180,8 +209,9 @@ class Trainer:
             for i, p in enumerate(self.ema):
                 p.copy_(ema[str(i)])
             self.opt.load_state_dict(
-                _unflatten_optimizer(load_tensors(state_dir / "optimizer.safetensors"),
-                                     meta["optimizer"])  # fmt: skip
+                _unflatten_optimizer(
+                    load_tensors(state_dir / "optimizer.safetensors"), meta["optimizer"]
+                )
             )
             rng = load_tensors(state_dir / "rng.safetensors")
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -235,8 +265,15 @@ def train(
         trainer.load(out)
     extra = dict(extra or {})
     losses: list[float] = []
-    bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="training",
-               unit="step", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=config.steps,
+        initial=trainer.step,
+        disable=not progress,
+        desc="training",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     start, images, pending = time.perf_counter(), 0, []
     try:
         while trainer.step < config.steps:
@@ -259,8 +296,13 @@ def train(
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    return TrainResult(trainer.step, losses[-1] if losses else float("nan"),
-                       images / max(seconds, 1e-9), seconds, losses)  # fmt: skip
+    return TrainResult(
+        trainer.step,
+        losses[-1] if losses else float("nan"),
+        images / max(seconds, 1e-9),
+        seconds,
+        losses,
+    )
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "atomic_path", "lr_at", "train"]

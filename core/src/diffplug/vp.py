@@ -119,7 +119,9 @@ def spaced_timesteps(
 
     T = num_train_timesteps
     if not 0 < steps <= T:
-        raise UserError(f"steps must be between 1 and {T} (the model's training timesteps); got {steps}")
+        raise UserError(
+            f"steps must be between 1 and {T} (the model's training timesteps); got {steps}"
+        )
     if spacing == "leading":
         ratio = T // steps
         ts = [i * ratio + offset for i in range(steps)]

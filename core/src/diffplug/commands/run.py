@@ -26,10 +26,20 @@ from diffplug.errors import UserError
     "--output", "-o", default="samples.png", show_default=True, help=".png grid or .safetensors"
 )
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
-@click.option("--threshold", type=click.Choice(["none", "static", "dynamic"]), default="none",
-              show_default=True, help="x0_hat thresholding at every step")
-@click.option("--threshold-percentile", type=click.FloatRange(0, 1, min_open=True), default=0.995,
-              show_default=True, help="p for dynamic thresholding")
+@click.option(
+    "--threshold",
+    type=click.Choice(["none", "static", "dynamic"]),
+    default="none",
+    show_default=True,
+    help="x0_hat thresholding at every step",
+)
+@click.option(
+    "--threshold-percentile",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.995,
+    show_default=True,
+    help="p for dynamic thresholding",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:

@@ -64,8 +64,11 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         return {o.name for o in describe(cls)}
 
     groups: dict[str, dict[str, str]] = {"method": {}, "denoiser": {}, "loop": {}}
-    owners = [("method", owned(method_cls.Config)), ("loop", owned(TrainConfig)),
-              ("denoiser", owned(denoiser_cls.Config))]  # fmt: skip
+    owners = [
+        ("method", owned(method_cls.Config)),
+        ("loop", owned(TrainConfig)),
+        ("denoiser", owned(denoiser_cls.Config)),
+    ]
     for key, value in extras.items():
         owner = next((name for name, keys in owners if key in keys), None)
         if owner is None:
@@ -76,11 +79,18 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
             )
         groups[owner][key] = value
     method = method_cls(build_config(method_cls.Config, groups["method"], owner=kw["method"]))
-    loop = build_config(TrainConfig, {**groups["loop"], "steps": kw["steps"],
-                                      "batch_size": kw["batch_size"]}, owner="train")  # fmt: skip
+    loop = build_config(
+        TrainConfig,
+        {**groups["loop"], "steps": kw["steps"], "batch_size": kw["batch_size"]},
+        owner="train",
+    )
     data = load_data(kw["data"], kw["size"], "train", int(kw["channels"]))
-    denoiser_options = {"channels": int(kw["channels"]), "size": kw["size"],
-                        **method.denoiser_defaults(), **groups["denoiser"]}  # fmt: skip
+    denoiser_options = {
+        "channels": int(kw["channels"]),
+        "size": kw["size"],
+        **method.denoiser_defaults(),
+        **groups["denoiser"],
+    }
     torch.manual_seed(loop.seed)
     denoiser = denoiser_cls.from_options(**denoiser_options)
     if kw["overwrite"] and out.exists():
@@ -93,14 +103,30 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
                 item.unlink()
     device = _device(kw["device"])
     params = sum(p.numel() for p in denoiser.parameters())
-    print(f"diffplug: training {denoiser_name} ({params / 1e6:.2f}M parameters) with "
-          f"{kw['method']} on {len(data)} images, {loop.steps} steps -> {out}", file=sys.stderr)  # fmt: skip
-    extra = {"method": {"name": kw["method"], **dataclasses.asdict(method.config)},
-             "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
-             "command": " ".join(["diffplug", "train", *sys.argv[2:]])}  # fmt: skip
-    result = train(denoiser, method, data, loop, out, resume=kw["resume"], device=device,
-                   progress=not kw["quiet"], extra=extra)  # fmt: skip
-    print(f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"{result.images_per_second:.0f} images/s; model at {out / 'model.safetensors'}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"diffplug: training {denoiser_name} ({params / 1e6:.2f}M parameters) with "
+        f"{kw['method']} on {len(data)} images, {loop.steps} steps -> {out}",
+        file=sys.stderr,
+    )
+    extra = {
+        "method": {"name": kw["method"], **dataclasses.asdict(method.config)},
+        "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
+        "command": " ".join(["diffplug", "train", *sys.argv[2:]]),
+    }
+    result = train(
+        denoiser,
+        method,
+        data,
+        loop,
+        out,
+        resume=kw["resume"],
+        device=device,
+        progress=not kw["quiet"],
+        extra=extra,
+    )
+    print(
+        f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "
+        f"{result.images_per_second:.0f} images/s; model at {out / 'model.safetensors'}",
+        file=sys.stderr,
+    )
     del torch

@@ -1,10 +1,10 @@
 """Helpers for plugin authors' tests: isolated registries and contract checkers.
 
-    from diffplug.testing import fresh_registry, check_scheduler
+from diffplug.testing import fresh_registry, check_scheduler
 
-    def test_my_sampler():
-        registry = fresh_registry(my_plugin)
-        check_scheduler(registry.load("scheduler", "my-sampler")())
+def test_my_sampler():
+    registry = fresh_registry(my_plugin)
+    check_scheduler(registry.load("scheduler", "my-sampler")())
 """
 
 from diffplug.testing.contracts import (

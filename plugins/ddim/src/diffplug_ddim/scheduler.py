@@ -19,7 +19,7 @@ from diffplug.errors import UserError
 from diffplug.options import option
 from diffplug.plan import Plan
 from diffplug.process import Process
-from diffplug.transforms import StaticThreshold, StaticConfig
+from diffplug.transforms import StaticConfig, StaticThreshold
 from diffplug.vp import SPACINGS, VP, spaced_timesteps
 
 

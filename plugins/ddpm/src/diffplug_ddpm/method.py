@@ -30,9 +30,14 @@ class DDPMMethod(Method):
 
     def process_spec(self) -> dict[str, Any]:
         c = self.config
-        return {"name": "vp", "num_train_timesteps": c.num_train_timesteps,
-                "beta_schedule": c.beta_schedule, "beta_start": c.beta_start,
-                "beta_end": c.beta_end, "rescale_zero_terminal_snr": False}  # fmt: skip
+        return {
+            "name": "vp",
+            "num_train_timesteps": c.num_train_timesteps,
+            "beta_schedule": c.beta_schedule,
+            "beta_start": c.beta_start,
+            "beta_end": c.beta_end,
+            "rescale_zero_terminal_snr": False,
+        }
 
     def sample_times(self, denoiser: Denoiser, n: int, generator: torch.Generator) -> torch.Tensor:
         process = denoiser.process

@@ -25,9 +25,13 @@ from diffplug.vp import VP, spaced_timesteps
 
 @dataclass
 class DDPMConfig:
-    variance: str = option("fixed_small", "posterior variance", choices=("fixed_small", "fixed_large"))
+    variance: str = option(
+        "fixed_small", "posterior variance", choices=("fixed_small", "fixed_large")
+    )
     spacing: str = option(
-        "leading", "timestep sub-sequence when steps < T", choices=("leading", "trailing", "linspace")
+        "leading",
+        "timestep sub-sequence when steps < T",
+        choices=("leading", "trailing", "linspace"),
     )
     steps_offset: int = option(0, "added to leading timesteps", min=0)
     clip_sample: bool = option(False, "clip x0_hat to [-1, 1] at every step")

@@ -29,7 +29,9 @@ class UNetConfig(DenoiserConfig):
     attention: list[int] = option([4], "resolutions with self-attention")
     heads: int = option(4, "attention heads", min=1)
     dropout: float = option(0.0, "dropout in residual blocks", min=0.0, max=1.0)
-    num_classes: int = option(0, "class-conditional with this many classes (0: unconditional)", min=0)
+    num_classes: int = option(
+        0, "class-conditional with this many classes (0: unconditional)", min=0
+    )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -41,7 +43,9 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 4 or g == 1)
+    groups = next(
+        g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 4 or g == 1
+    )
     return nn.GroupNorm(groups, channels)
 
 
@@ -116,9 +120,12 @@ class UNet(Denoiser):
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList(
-            [ResBlock(ch, ch, temb, cfg.dropout), Attention(ch, cfg.heads),
-             ResBlock(ch, ch, temb, cfg.dropout)]
-        )  # fmt: skip
+            [
+                ResBlock(ch, ch, temb, cfg.dropout),
+                Attention(ch, cfg.heads),
+                ResBlock(ch, ch, temb, cfg.dropout),
+            ]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.mults))):
             for _ in range(cfg.blocks + 1):
@@ -130,8 +137,14 @@ class UNet(Denoiser):
                     block.append(Attention(ch, cfg.heads))
                 self.up.append(block)
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(ch, ch, 3, padding=1)]))  # fmt: skip
+                self.up.append(
+                    nn.ModuleList(
+                        [
+                            nn.Upsample(scale_factor=2, mode="nearest"),
+                            nn.Conv2d(ch, ch, 3, padding=1),
+                        ]
+                    )
+                )
                 res *= 2
         self.norm_out = _norm(ch)
         self.conv_out = _zero(nn.Conv2d(ch, cfg.channels, 3, padding=1))

@@ -1,0 +1,9 @@
+"""Entry point module: registers the sampler by name with a lazy import target."""
+
+from diffplug import hookimpl
+from diffplug.hookspecs import Register
+
+
+@hookimpl
+def register_schedulers(register: Register) -> None:
+    register("dpmpp-2m", "diffplug_dpmsolver.sampler:DPMSolver2M", "DPM-Solver++(2M), 2nd order")

@@ -1,0 +1,304 @@
+"""The CLI: listing without torch, run outputs with recipes, and every bad input -> exit 2."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cliutil import assert_clean_error, run_cli, run_subprocess
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from diffplug.checkpoint import save_component
+from diffplug.components import IdentityAutoencoder
+from diffplug.output import read_recipe
+
+FAST = ("--model", "gmm-digits", "--steps", "5", "--num-samples", "4", "--quiet")
+
+
+def test_listing_commands_never_import_torch():
+    code = (
+        "import sys\n"
+        "from diffplug.cli import main\n"
+        "for argv in (['--help'], ['plugins'], ['plugins', '--json'], ['list'], ['list', 'samplers']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_python_dash_m_works():
+    result = run_subprocess("list", "samplers")
+    assert result.code == 0 and "ddim" in result.out
+
+
+def test_plugins_json_lists_versions_components_and_errors():
+    result = run_cli("plugins", "--json", env={"DIFFPLUG_PLUGINS": "fixture_broken_import"})
+    assert result.code == 0
+    rows = {row["name"]: row for row in json.loads(result.out)}
+    assert rows["diffplug-ddim"]["components"] == {"scheduler": ["ddim"]}
+    assert rows["diffplug-ddim"]["version"] == "0.1.0"
+    assert "a_dependency_that_is_not_installed" in rows["fixture-broken-import"]["error"]
+    assert "fixture-broken-import failed to load" in result.err  # one line on stderr
+
+
+def test_list_and_info_show_components_and_options():
+    result = run_cli("list", "samplers", "--json")
+    names = {row["name"] for row in json.loads(result.out)["scheduler"]}
+    assert {"ddim", "ddpm"} <= names
+    info = run_cli("info", "ddim")
+    assert info.code == 0
+    assert "--eta" in info.out and "default 0.0" in info.out and "quadratic" in info.out
+    assert run_cli("info", "gmm-digits").code == 0
+
+
+def test_run_writes_a_png_grid_with_the_recipe(tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_cli(
+        "run", "--sampler", "ddim", *FAST, "--eta", "0.5", "--seed", "7", "-o", str(out)
+    )
+    assert result.code == 0, result.err
+    with Image.open(out) as im:
+        assert im.mode == "L" and min(im.size) >= 2 * 32  # 2x2 grid of >= 32 px cells
+    recipe = read_recipe(out)
+    assert recipe["sampler"] == {
+        "name": "ddim",
+        "options": {"eta": 0.5, "spacing": "leading", "steps_offset": 0, "clip_sample": False},
+    }
+    assert recipe["seeds"] == [7, 8, 9, 10]
+    assert recipe["model"]["name"] == "gmm-digits"
+    assert recipe["versions"]["diffplug-ddim"] == "0.1.0"
+    assert recipe["timesteps"] == [800, 600, 400, 200, 0]
+
+
+def test_run_writes_safetensors_in_unit_range_and_is_reproducible(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli("run", "--sampler", "ddpm", *FAST, "-o", str(a)).code == 0
+    assert run_cli("run", "--sampler", "ddpm", *FAST, "--batch-size", "3", "-o", str(b)).code == 0
+    x, y = load_file(a)["samples"], load_file(b)["samples"]
+    assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.equal(x, y)  # batch size does not change samples
+    assert read_recipe(a)["sampler"]["name"] == "ddpm"
+
+
+def test_run_without_model_uses_and_names_the_default(tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = run_cli(
+        "run", "--sampler", "ddim", "--steps", "3", "--num-samples", "2", "-q", "-o", str(out)
+    )
+    assert result.code == 0, result.err
+    assert "using model" in result.err
+
+
+def test_third_party_plugin_runs_through_the_cli(tmp_path):
+    out = tmp_path / "x.png"
+    result = run_cli("run", "--sampler", "dpmpp-2m", *FAST, "-o", str(out))
+    assert result.code == 0, result.err
+    assert read_recipe(out)["sampler"]["name"] == "dpmpp-2m"
+
+
+# -- bad input: exit 2, one clear line, no traceback, nothing written ----------------------
+
+
+def _bad(tmp_path, *args, env=None, needles=()):
+    out = tmp_path / "out.png"
+    result = run_cli("run", *args, "-o", str(out), env=env)
+    assert_clean_error(result, *needles)
+    assert list(tmp_path.iterdir()) == [] or not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    return result
+
+
+def test_unknown_sampler(tmp_path):
+    _bad(tmp_path, "--sampler", "ddimm", needles=("unknown sampler 'ddimm'", "ddim, ddpm"))
+
+
+def test_sampler_from_a_missing_plugin_names_the_package(tmp_path):
+    _bad(tmp_path, "--sampler", "adm", needles=("pip install diffplug-adm",))
+
+
+def test_unknown_model(tmp_path):
+    _bad(
+        tmp_path,
+        "--sampler",
+        "ddim",
+        "--model",
+        "nope",
+        needles=("unknown pretrained 'nope'", "gmm-digits"),
+    )
+
+
+def test_unknown_sampler_option_lists_the_options(tmp_path):
+    _bad(
+        tmp_path,
+        "--sampler",
+        "ddim",
+        *FAST,
+        "--etaa",
+        "1",
+        needles=("no option etaa", "--eta", "--spacing"),
+    )
+
+
+@pytest.mark.parametrize(
+    "steps, needle", [("0", "--steps"), ("-3", "--steps"), ("1001", "between 1 and 1000")]
+)
+def test_steps_out_of_range(tmp_path, steps, needle):
+    _bad(
+        tmp_path, "--sampler", "ddim", "--model", "gmm-digits", "--steps", steps, needles=(needle,)
+    )
+
+
+def test_negative_eta(tmp_path):
+    _bad(tmp_path, "--sampler", "ddim", *FAST, "--eta", "-0.1", needles=("--eta must be >= 0",))
+
+
+def test_bad_option_value_type(tmp_path):
+    _bad(tmp_path, "--sampler", "ddim", *FAST, "--eta", "lots", needles=("--eta expects float",))
+    _bad(tmp_path, "--sampler", "ddim", *FAST, "--spacing", "cubic", needles=("must be one of",))
+
+
+def test_num_samples_must_be_positive(tmp_path):
+    _bad(tmp_path, "--sampler", "ddim", "--num-samples", "0", needles=("--num-samples",))
+
+
+def test_output_in_a_missing_directory(tmp_path):
+    result = run_cli("run", "--sampler", "ddim", *FAST, "-o", str(tmp_path / "nope" / "x.png"))
+    assert_clean_error(result, "does not exist")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_output_with_unknown_extension(tmp_path):
+    result = run_cli("run", "--sampler", "ddim", *FAST, "-o", str(tmp_path / "x.jpg"))
+    assert_clean_error(result, "unknown extension '.jpg'")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"precious")
+    assert_clean_error(run_cli("run", "--sampler", "ddim", *FAST, "-o", str(out)), "--overwrite")
+    assert out.read_bytes() == b"precious"
+    assert run_cli("run", "--sampler", "ddim", *FAST, "-o", str(out), "--overwrite").code == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def _checkpoint_case(tmp_path, name, content):
+    path = tmp_path / "models" / name
+    path.parent.mkdir()
+    path.write_bytes(content)
+    out = tmp_path / "out.png"
+    result = run_cli("run", "--sampler", "ddim", "--model", str(path), "-o", str(out))
+    assert not out.exists()
+    return result
+
+
+def test_truncated_checkpoint(tmp_path):
+    from diffplug.registry import default_registry
+
+    good = default_registry().get("pretrained", "gmm-digits").load()
+    data = Path(good).read_bytes()
+    result = _checkpoint_case(tmp_path, "cut.safetensors", data[: len(data) - 100])
+    assert_clean_error(result, "truncated")
+
+
+def test_not_a_safetensors_file(tmp_path):
+    assert_clean_error(
+        _checkpoint_case(tmp_path, "x.safetensors", b"hello world, not tensors"),
+        "not a safetensors file",
+    )
+
+
+def test_pickle_checkpoints_are_refused_by_name_and_by_content(tmp_path):
+    assert_clean_error(_checkpoint_case(tmp_path, "model.ckpt", b"\x80\x04\x95"), "pickle")
+    # a torch.save zip renamed to .safetensors is caught by its magic bytes
+    renamed = _write(tmp_path, "z.safetensors", b"PK\x03\x04" + b"\0" * 64)
+    result = run_cli(
+        "run", "--sampler", "ddim", "--model", str(renamed), "-o", str(tmp_path / "o.png")
+    )
+    assert_clean_error(result, "pickle")
+
+
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_checkpoint_of_the_wrong_kind(tmp_path):
+    path = tmp_path / "ae.safetensors"
+    save_component(IdentityAutoencoder(), path, kind="autoencoder")
+    result = run_cli(
+        "run", "--sampler", "ddim", "--model", str(path), "-o", str(tmp_path / "o.png")
+    )
+    assert_clean_error(result, "autoencoder checkpoint, but a denoiser is needed")
+
+
+def test_safetensors_without_diffplug_metadata(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    result = run_cli(
+        "run", "--sampler", "ddim", "--model", str(path), "-o", str(tmp_path / "o.png")
+    )
+    assert_clean_error(result, "not a diffplug checkpoint")
+
+
+def test_hostile_header_size_is_refused_before_allocation(tmp_path):
+    path = _write(tmp_path, "h.safetensors", struct.pack("<Q", 2**62) + b"{}")
+    result = run_cli(
+        "run", "--sampler", "ddim", "--model", str(path), "-o", str(tmp_path / "o.png")
+    )
+    assert_clean_error(result, "bad header size")
+
+
+def test_asking_for_a_component_of_a_plugin_that_raised_on_import(tmp_path):
+    result = _bad(
+        tmp_path,
+        "--sampler",
+        "broken",
+        env={"DIFFPLUG_PLUGINS": "fixture_broken_import"},
+        needles=(
+            "unknown sampler 'broken'",
+            "fixture-broken-import",
+            "a_dependency_that_is_not_installed",
+        ),
+    )
+    assert result.err.count("fixture-broken-import failed to load") == 1
+
+
+def test_nonfinite_denoiser_output_stops_with_step_and_sample(tmp_path):
+    import fixture_nan_model
+    from fixture_nan_model import NaNConfig, NaNDenoiser
+
+    from diffplug.checkpoint import save_component
+    from diffplug.testing import registered
+
+    with registered(fixture_nan_model):
+        path = tmp_path / "nan.safetensors"
+        save_component(NaNDenoiser(NaNConfig(size=4)), path, kind="denoiser")
+    out = tmp_path / "o.png"
+    result = run_cli(
+        "run",
+        "--sampler",
+        "ddim",
+        "--model",
+        str(path),
+        "--steps",
+        "10",
+        "-q",
+        "-o",
+        str(out),
+        env={"DIFFPLUG_PLUGINS": "fixture_nan_model"},
+    )
+    assert result.code == 1
+    assert "NaN or Inf at step 6/10 (t=400)" in result.err and "seed 0" in result.err
+    assert not out.exists()
