@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -181,16 +182,18 @@ def _find_any(registry: Registry, name: str, kind: str | None) -> Any:
     return registry.get(kinds[0], name)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning errors into one line and an exit code."""
     debug = os.environ.get("DIFFPLUG_DEBUG", "") not in ("", "0")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # TERM is a Ctrl-C: same clean exit
     try:
         cli.main(args=argv, prog_name="diffplug", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("diffplug: interrupted; no output was written", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("diffplug: interrupted; no output was written", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("diffplug: interrupted; nothing partial was written", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -212,4 +215,6 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(0)

@@ -257,8 +257,13 @@ def train(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train to ``config.steps`` steps, checkpointing into ``out``; resumes with ``resume``."""
+    """Train to ``config.steps`` steps, checkpointing into ``out``; resumes with ``resume``.
+
+    ``stop_after`` pauses at that step (with a checkpoint) without changing the learning-rate
+    schedule, which spans ``config.steps``: a later ``resume`` continues exactly.
+    """
     out = Path(out)
     trainer = Trainer(denoiser, method, data, config, device)
     if resume:
@@ -276,11 +281,12 @@ def train(
     )
     start, images, pending = time.perf_counter(), 0, []
     try:
-        while trainer.step < config.steps:
+        end = min(config.steps, stop_after if stop_after is not None else config.steps)
+        while trainer.step < end:
             pending.append(trainer.train_step())
             images += config.batch_size
             bar.update(1)
-            if len(pending) == 50 or trainer.step == config.steps:  # one sync per 50 steps
+            if len(pending) == 50 or trainer.step == end:  # one sync per 50 steps
                 values = torch.stack(pending).float().cpu().tolist()
                 losses.extend(values)
                 pending = []
@@ -288,11 +294,22 @@ def train(
                 bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
                 if on_step is not None:
                     on_step(trainer.step, values[-1])
-            if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+            if trainer.step % config.checkpoint_every == 0 or trainer.step == end:
                 pause = time.perf_counter()
-                info = {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
-                trainer.save(out, info)
+                trainer.save(
+                    out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
+                )
                 start += time.perf_counter() - pause  # checkpoint time is not training time
+    except KeyboardInterrupt:
+        bar.close()
+        if trainer.step > 0:  # a second interrupt here aborts the save; `latest` stays valid
+            trainer.save(out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra})
+            print(
+                f"diffplug: interrupted; checkpoint at step {trainer.step} in {out} "
+                "(continue with --resume)",
+                file=sys.stderr,
+            )
+        raise
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -1,0 +1,191 @@
+"""The training loop: learning, EMA, exact resume, atomic checkpoints, the train CLI."""
+
+import json
+
+import pytest
+import torch
+from cliutil import assert_clean_error, run_cli
+
+from diffplug.checkpoint import load_component, load_tensors, read_metadata
+from diffplug.data import digits
+from diffplug.training import TrainConfig, Trainer, lr_at, train
+from diffplug_ddpm.method import DDPMMethod
+from diffplug_ddpm.unet import UNet, UNetConfig
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(size=8, width=8, mults=[1, 2], attention=[4], heads=2))
+
+
+def data():
+    return digits("train", 8)
+
+
+def test_loss_decreases_on_a_tiny_run(tmp_path):
+    config = TrainConfig(steps=150, batch_size=64, lr=2e-3, warmup=10, checkpoint_every=1000)
+    result = train(tiny_unet(), DDPMMethod(), data(), config, tmp_path, progress=False)
+    first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert last < 0.7 * first, (first, last)
+    assert result.steps == 150 and result.images_per_second > 0
+
+
+def test_ema_follows_the_weights_with_the_warmup_decay():
+    config = TrainConfig(steps=3, batch_size=8, ema_decay=0.9, ema_warmup=True)
+    trainer = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    params = list(trainer.model.parameters())
+    expected = [p.detach().clone() for p in params]
+    for step in range(3):
+        trainer.train_step()
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = [e * decay + p.detach() * (1 - decay) for e, p in zip(expected, params)]
+    for e, got in zip(expected, trainer.ema):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(trainer.ema[0], params[0].detach())
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = TrainConfig(steps=20, batch_size=16, warmup=5, checkpoint_every=10, lr=1e-3)
+    train(tiny_unet(), DDPMMethod(), data(), config, tmp_path / "one", progress=False)
+    train(
+        tiny_unet(), DDPMMethod(), data(), config, tmp_path / "two", progress=False, stop_after=10
+    )
+    assert (tmp_path / "two" / "latest").read_text() == "state-00000010"
+    train(
+        tiny_unet(seed=123),
+        DDPMMethod(),
+        data(),
+        config,
+        tmp_path / "two",
+        resume=True,
+        progress=False,
+    )
+    for name in ("model.safetensors",):
+        a = load_tensors(tmp_path / "one" / name)
+        b = load_tensors(tmp_path / "two" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    raw_a = load_tensors(tmp_path / "one" / "state-00000020" / "raw.safetensors")
+    raw_b = load_tensors(tmp_path / "two" / "state-00000020" / "raw.safetensors")
+    assert all(torch.allclose(raw_a[k], raw_b[k], atol=1e-6) for k in raw_a)
+
+
+def test_checkpoints_are_complete_and_loadable(tmp_path):
+    config = TrainConfig(steps=4, batch_size=8, checkpoint_every=2)
+    train(tiny_unet(), DDPMMethod(), data(), config, tmp_path, progress=False, extra={"note": "x"})
+    assert (tmp_path / "latest").read_text() == "state-00000004"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "model.safetensors",
+        "state-00000004",
+    ]
+    state = json.loads((tmp_path / "state-00000004" / "state.json").read_text())
+    assert state["step"] == 4
+    meta = read_metadata(tmp_path / "model.safetensors")
+    assert (
+        meta["kind"] == "denoiser" and meta["plugin"] == "diffplug-ddpm" and meta["name"] == "unet"
+    )
+    assert meta["extra"]["note"] == "x" and meta["extra"]["step"] == 4
+    model = load_component(tmp_path / "model.safetensors", kind="denoiser")
+    assert model.config.width == 8 and not model.training
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
+    config = TrainConfig(steps=4, batch_size=8, checkpoint_every=2)
+    trainer = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    trainer.train_step()
+    trainer.train_step()
+    trainer.save(tmp_path, {})
+    trainer.train_step()
+    import safetensors.torch as st
+
+    real = st.save_file
+    calls = {"n": 0}
+
+    def failing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(tmp_path, {})
+    monkeypatch.setattr(st, "save_file", real)
+    assert (tmp_path / "latest").read_text() == "state-00000002"
+    fresh = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    fresh.load(tmp_path)
+    assert fresh.step == 2
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(steps=100, warmup=10, lr=1.0, lr_schedule="cosine")
+    assert lr_at(config, 0) == pytest.approx(0.1)
+    assert lr_at(config, 9) == pytest.approx(1.0)
+    assert lr_at(config, 10) == pytest.approx(1.0)
+    assert lr_at(config, 100) == pytest.approx(0.1)
+
+
+def test_train_cli_trains_resumes_and_validates(tmp_path):
+    out = tmp_path / "run"
+    args = (
+        "train",
+        "--method",
+        "ddpm",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--width",
+        "8",
+        "--heads",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    )
+    result = run_cli(*args)
+    assert result.code == 0, result.err
+    assert "0.0" in result.err and (out / "model.safetensors").exists()
+    assert_clean_error(run_cli(*args), "--resume")
+    longer = [a if a != "4" else "6" for a in args]
+    assert run_cli(*longer, "--resume").code == 0
+    assert json.loads((out / "state-00000006" / "state.json").read_text())["step"] == 6
+    assert_clean_error(
+        run_cli(*args[:-2], "--out", str(tmp_path / "x"), "--lrr", "1"),
+        "no method, denoiser or loop option --lrr",
+        "--lr",
+    )
+    assert_clean_error(run_cli("train", "--method", "nope"), "unknown method 'nope'")
+    assert_clean_error(
+        run_cli(
+            "train",
+            "--method",
+            "ddpm",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "y"),
+        ),
+        "does not exist",
+    )
+    sample = tmp_path / "s.safetensors"
+    assert (
+        run_cli(
+            "run",
+            "--sampler",
+            "ddim",
+            "--model",
+            str(out / "model.safetensors"),
+            "--steps",
+            "3",
+            "--num-samples",
+            "2",
+            "-q",
+            "-o",
+            str(sample),
+        ).code
+        == 0
+    )
