@@ -302,3 +302,10 @@ def test_nonfinite_denoiser_output_stops_with_step_and_sample(tmp_path):
     assert result.code == 1
     assert "NaN or Inf at step 6/10 (t=400)" in result.err and "seed 0" in result.err
     assert not out.exists()
+
+
+def test_plugins_can_add_commands_listed_without_import():
+    env = {"DIFFPLUG_PLUGINS": "fixture_command"}
+    assert "say hello (from a plugin)" in run_cli("--help", env=env).out
+    result = run_cli("hello", "there", env=env)
+    assert result.code == 0 and result.out == "hello, there\n"
