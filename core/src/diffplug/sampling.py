@@ -19,7 +19,7 @@ from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Schedu
 from diffplug.errors import IncompatibleError, NonFiniteError, UserError
 from diffplug.noise import NoiseSource
 from diffplug.plan import Plan
-from diffplug.prediction import ARITY, as_tuple, linear
+from diffplug.prediction import as_tuple, linear
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -141,76 +141,29 @@ def sample(
     n = len(plan)
     noisy_steps = sum(plan.noisy(i) for i in range(n))
     times = list(plan.t.to(device=device, dtype=dtype).unbind(0))
-    arity = ARITY[denoiser.prediction]
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
     batch_size = batch_size or len(seeds)
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
 
+    loop = _Loop(denoiser, plan, tables, all_transforms, fused, times, guidance, guided,
+                 callback, noisy_steps, noise, device, dtype)  # fmt: skip
     was_training = denoiser.training
     denoiser.eval()
     out = []
-    bar = tqdm(
-        total=n * len(batches),
-        disable=not progress,
-        desc="sampling",
-        unit="step",
-        file=sys.stderr,
-        leave=False,
-    )
+    bar = tqdm(total=n * len(batches), disable=not progress, desc="sampling", unit="step",
+               file=sys.stderr, leave=False)  # fmt: skip
     try:
         with torch.inference_mode():
             start = 0
             for batch_seeds in batches:
                 size = len(batch_seeds)
                 cond, null = _conditioning(conditioner, conditions, start, size, guided)
-                shape = denoiser.sample_shape
-                src = (
-                    noise(batch_seeds, shape, noisy_steps)
-                    if noise is not None
-                    else NoiseSource(
-                        batch_seeds, shape, steps=noisy_steps, device=device, dtype=dtype
-                    )
-                )
-                x = src.initial().to(device=device, dtype=dtype) * plan.init_scale
-                health = (
-                    torch.zeros((n, size), device=device, dtype=dtype) if check_finite else None
-                )
-
-                def model(x: torch.Tensor, i: int, cond: Cond = cond, null: Cond = null) -> tuple:
-                    t = times[i].expand(x.shape[0])
-                    if not guided:
-                        return as_tuple(denoiser(x, t, cond))
-                    both = as_tuple(
-                        denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null))
-                    )
-                    return tuple(torch.lerp(u, c, guidance) for c, u in (p.chunk(2) for p in both))
-
-                for i in range(n):
-                    pred = model(x, i)
-                    if len(pred) != arity:
-                        raise UserError(
-                            f"the denoiser returned {len(pred)} tensors but declares "
-                            f"prediction {denoiser.prediction!r} ({arity})"
-                        )
-                    if health is not None:
-                        for p in pred:
-                            health[i] += p.reshape(size, -1).sum(1)
-                    z = src.next().to(device=device, dtype=dtype) if plan.noisy(i) else None
-                    if fused:
-                        x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
-                        if z is not None:
-                            x_next.add_(z, alpha=plan.d[i])
-                    else:
-                        x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
-                        eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
-                        for transform in all_transforms:
-                            x0 = transform(x0)
-                        x_next = plan.update(i, x, x0, eps, z)
-                        if callback is not None:
-                            callback(Step(i, n, float(plan.t[i]), x_next, x0, batch_seeds))
-                    x = x_next
-                    bar.update(1)
-                if health is not None:
+                x = loop.run(batch_seeds, cond, null, bar.update)
+                # NaN/Inf from the denoiser propagates into x: one check per batch, no per-step
+                # sync. Only on failure is the batch replayed (same seeds) to find the step.
+                if check_finite and not bool(torch.isfinite(x).all()):
+                    health = torch.zeros((n, size), device=device, dtype=dtype)
+                    loop.run(batch_seeds, cond, null, None, health=health)
                     _raise_if_nonfinite(health, batch_seeds, plan)
                 if autoencoder is not None:
                     x = autoencoder.decode(x)
@@ -220,6 +173,80 @@ def sample(
         bar.close()
         denoiser.train(was_training)
     return torch.cat(out)
+
+
+@dataclass
+class _Loop:
+    """Everything fixed for a run; ``run`` does one batch."""
+
+    denoiser: Denoiser
+    plan: Plan
+    tables: _Tables
+    transforms: list
+    fused: bool
+    times: list[torch.Tensor]
+    guidance: float
+    guided: bool
+    callback: Callable[[Step], None] | None
+    noisy_steps: int
+    noise: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def model(self, x: torch.Tensor, i: int, cond: Cond, null: Cond) -> tuple:
+        t = self.times[i].expand(x.shape[0])
+        if not self.guided:
+            pred = as_tuple(self.denoiser(x, t, cond))
+        else:
+            both = as_tuple(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null)))
+            pred = tuple(torch.lerp(u, c, self.guidance) for c, u in (p.chunk(2) for p in both))
+        if len(pred) != len(self.tables.fp[i]):
+            raise UserError(
+                f"the denoiser returned {len(pred)} tensors but declares prediction "
+                f"{self.denoiser.prediction!r} ({len(self.tables.fp[i])})"
+            )
+        return pred
+
+    def run(
+        self,
+        seeds: Sequence[int],
+        cond: Cond,
+        null: Cond,
+        tick: Callable[[int], Any] | None,
+        health: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        plan, tables, size = self.plan, self.tables, len(seeds)
+        shape = self.denoiser.sample_shape
+        src = (
+            self.noise(seeds, shape, self.noisy_steps)
+            if self.noise is not None
+            else NoiseSource(
+                seeds, shape, steps=self.noisy_steps, device=self.device, dtype=self.dtype
+            )  # fmt: skip
+        )
+        x = src.initial().to(device=self.device, dtype=self.dtype) * plan.init_scale
+        for i in range(len(plan)):
+            pred = self.model(x, i, cond, null)
+            if health is not None:
+                for p in pred:
+                    health[i] += p.reshape(size, -1).sum(1)
+            z = src.next().to(device=self.device, dtype=self.dtype) if plan.noisy(i) else None
+            if self.fused:
+                x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
+                if z is not None:
+                    x_next.add_(z, alpha=plan.d[i])
+            else:
+                x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
+                eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
+                for transform in self.transforms:
+                    x0 = transform(x0)
+                x_next = plan.update(i, x, x0, eps, z)
+                if self.callback is not None:
+                    self.callback(Step(i, len(plan), float(plan.t[i]), x_next, x0, seeds))
+            x = x_next
+            if tick is not None:
+                tick(1)
+        return x
 
 
 def _conditioning(
@@ -244,9 +271,13 @@ def _cat(a: Cond, b: Cond) -> Cond:
 
 def _raise_if_nonfinite(health: torch.Tensor, seeds: Sequence[int], plan: Plan) -> None:
     bad = ~torch.isfinite(health)
-    if bool(bad.any()):  # one sync per batch, not per step
+    if bool(bad.any()):
         step, k = (int(v) for v in bad.nonzero()[0])
         raise NonFiniteError(
             f"the denoiser returned NaN or Inf at step {step + 1}/{len(plan)} "
             f"(t={float(plan.t[step]):g}) for sample {k} of its batch (seed {seeds[k]})"
         )
+    raise NonFiniteError(
+        "sampling produced NaN or Inf although the denoiser's outputs were finite: the "
+        "sampler's update overflowed (try fewer extreme options or float32)"
+    )
