@@ -17,13 +17,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 would leak into the final file
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # not mkstemp's 0600 (writers may recreate it)
         os.replace(tmp_path, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -34,3 +32,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     """``write(tmp)`` then rename ``tmp`` to ``path``."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

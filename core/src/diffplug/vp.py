@@ -60,7 +60,7 @@ def betas_for(config: VPConfig) -> torch.Tensor:
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
-    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))  # diffusers' rounding order
     abar = sqrt_abar**2
     alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
     return 1 - alphas
@@ -126,10 +126,14 @@ def spaced_timesteps(
         ratio = T // steps
         ts = [i * ratio + offset for i in range(steps)]
     elif spacing == "trailing":
-        ratio = T / steps
-        ts = [int(round(T - i * ratio)) - 1 for i in range(steps)]
+        # numpy's arange(T, 0, -T/N) arithmetic (T + i*delta), as diffusers computes it, so
+        # that ties round alike; diffusers' occasional extra entry (-1) is not taken.
+        delta = (T - T / steps) - T
+        ts = [int(round(T + i * delta)) - 1 for i in range(steps)]
     elif spacing == "linspace":
-        ts = [int(round(i * (T - 1) / (steps - 1))) if steps > 1 else 0 for i in range(steps)]
+        # numpy's linspace(0, T-1, N) arithmetic (i*step, last exactly T-1), as diffusers'.
+        step = (T - 1) / (steps - 1) if steps > 1 else 0.0
+        ts = [int(round(i * step)) for i in range(steps - 1)] + [T - 1 if steps > 1 else 0]
     elif spacing == "quadratic":
         top = math.sqrt(0.8 * T)
         ts = [int((i * top / (steps - 1)) ** 2) if steps > 1 else 0 for i in range(steps)]
