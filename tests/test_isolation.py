@@ -5,31 +5,16 @@ X's components; asking for another plugin's component exits 2 naming the package
 """
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from venvs import ROOT, install
 
-ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = sorted(
     [p for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists()]
     + [p for p in (ROOT / "docs" / "examples").iterdir() if (p / "pyproject.toml").exists()]
 )
-UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-
-
-def _install(venv: Path, *packages: Path) -> Path:
-    assert UV, "uv is a dev dependency of the workspace; run the README's install command"
-    subprocess.run([UV, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run(
-        [UV, "pip", "install", "-q", "--python", str(python), *map(str, packages)],
-        check=True,
-        timeout=900,
-    )
-    return venv / "bin" / "diffplug"
 
 
 def _diffplug(exe: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -39,7 +24,7 @@ def _diffplug(exe: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("plugin", PLUGINS, ids=lambda p: p.name)
 def test_plugin_works_with_only_core(plugin, tmp_path):
-    exe = _install(tmp_path / "venv", ROOT / "core", plugin)
+    exe = install(tmp_path / "venv", ROOT / "core", plugin)
     listing = _diffplug(exe, "plugins", "--json", cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     rows = {row["name"]: row for row in json.loads(listing.stdout)}

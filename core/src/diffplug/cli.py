@@ -24,6 +24,7 @@ BUILTIN_COMMANDS = {
         "diffplug.commands.evaluate:evaluate",
         "Score samples: digits FD, classes, memorisation.",
     ),
+    "new-plugin": ("diffplug.commands.new_plugin:new_plugin", "Write a new plugin package."),
 }
 PLURALS = {"scheduler": "samplers", "process": "processes", "pretrained": "pretrained models"}
 
