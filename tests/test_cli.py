@@ -90,13 +90,21 @@ def test_run_writes_safetensors_in_unit_range_and_is_reproducible(tmp_path):
     assert read_recipe(a)["sampler"]["name"] == "ddpm"
 
 
-def test_run_without_model_uses_and_names_the_default(tmp_path):
+def test_run_without_model_uses_and_names_the_shipped_default(tmp_path):
     out = tmp_path / "x.safetensors"
     result = run_cli(
-        "run", "--sampler", "ddim", "--steps", "3", "--num-samples", "2", "-q", "-o", str(out)
+        "run", "--sampler", "ddim", "--steps", "10", "--num-samples", "6", "-q", "-o", str(out)
     )
     assert result.code == 0, result.err
-    assert "using model" in result.err
+    assert "using model ddpm-digits (diffplug-ddpm)" in result.err
+    samples = load_file(out)["samples"]
+    assert samples.shape == (6, 1, 8, 8) and torch.isfinite(samples).all()
+    assert 0 <= samples.min() and samples.max() <= 1 and samples.std() > 0.2
+    recipe = read_recipe(out)
+    assert (
+        recipe["model"]["name"] == "ddpm-digits"
+        and recipe["model"]["config"]["prediction"] == "eps"
+    )
 
 
 def test_third_party_plugin_runs_through_the_cli(tmp_path):
