@@ -87,7 +87,8 @@ def default_model(registry: Registry, scheduler: Any) -> str:
         if meta["kind"] != "denoiser" or meta["config"].get("conditioning") not in (None, "none"):
             continue
         if scheduler.supports(process) is None:
-            print(f"diffplug: using model {entry.name} ({entry.dist})", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"diffplug: using model {entry.name} ({entry.dist})", file=sys.stderr)
             return entry.name
     names = ", ".join(e.name for e in registry.entries("pretrained")) or "none installed"
     raise IncompatibleError(

@@ -55,7 +55,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
 def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
     import torch
 
-    from diffplug import __version__
+    from diffplug import __version__, distributed
     from diffplug.output import write_samples
     from diffplug.registry import default_registry
     from diffplug.resolve import build_scheduler, default_model, load_model
@@ -64,7 +64,7 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
 
     registry = default_registry()
     scheduler = build_scheduler(registry, kw["sampler"], sampler_options)
-    device = _device(kw["device"])
+    device = distributed.local_device(_device(kw["device"]))
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
     transforms = []
@@ -74,16 +74,26 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
         transforms.append(DynamicThreshold(DynamicConfig(percentile=kw["threshold_percentile"])))
     seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
     plan_info = scheduler.plan(denoiser.process, kw["steps"]).info
-    samples = sample(
-        denoiser,
-        scheduler,
-        steps=kw["steps"],
-        seeds=seeds,
-        batch_size=kw["batch_size"],
-        transforms=transforms,
-        progress=not kw["quiet"],
-        device=device,
-    )
+    rank, size = distributed.world()
+    with distributed.process_group(device):
+        mine = distributed.shard(seeds, kw["batch_size"], rank, size)
+        local = (
+            sample(
+                denoiser,
+                scheduler,
+                steps=kw["steps"],
+                seeds=mine,
+                batch_size=kw["batch_size"],
+                transforms=transforms,
+                progress=not kw["quiet"] and rank == 0,
+                device=device,
+            )
+            if mine
+            else torch.zeros((0, *denoiser.sample_shape), device=device)
+        )
+        samples = distributed.gather(local, len(seeds), kw["batch_size"], rank, size)
+    if samples is None:  # not rank 0: rank 0 writes
+        return
     import dataclasses
 
     recipe = {
