@@ -82,3 +82,9 @@ def gather(
         out[b.start : b.stop] = buckets[r][offsets[r] : offsets[r] + len(b)]
         offsets[r] += len(b)
     return out
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if world()[1] > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffplug import distributed
 from diffplug.atomic import atomic_path, atomic_write
 from diffplug.checkpoint import load_tensors, save_component
 from diffplug.components import Denoiser
@@ -99,7 +100,14 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rank, self.world = distributed.world()
+        # one stream per rank: ranks draw different batches and noise, reproducibly
+        self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * self.rank)
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = _Forward(self.model, DistributedDataParallel(self.model))
         self.step = 0
         bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
@@ -127,7 +135,7 @@ class Trainer:
             group["lr"] = lr_at(cfg, self.step)
         x0, cond = self.batch()
         with self.autocast:
-            loss = self.method.loss(self.model, x0, cond, self.generator)
+            loss = self.method.loss(self.forward, x0, cond, self.generator)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -150,52 +158,38 @@ class Trainer:
         return state
 
     def save(self, out: Path, extra: dict[str, Any]) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_component(
-            self.model,
-            out / "model.safetensors",
-            kind="denoiser",
-            tensors=self.ema_state(),
-            extra=extra,
-        )
-        state_dir = out / f"state-{self.step:08d}"
-        tmp_dir = out / f".tmp-state-{self.step:08d}"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
+        """Write a complete state directory, then point ``latest`` at it (rank 0 writes
+        everything but each rank's own RNG state)."""
         from safetensors.torch import save_file
 
-        save_file(_contiguous(self.model.state_dict()), str(tmp_dir / "raw.safetensors"))
-        save_file(
-            _contiguous(
-                dict(
-                    enumerate(self.ema),
-                )
-            ),
-            str(tmp_dir / "ema.safetensors"),
-        )  # type: ignore[arg-type]
-        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
-        save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
-        save_file(
-            {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
-            str(tmp_dir / "rng.safetensors"),
-        )
-        (tmp_dir / "state.json").write_text(
-            json.dumps(
-                {
-                    "step": self.step,
-                    "train": dataclasses.asdict(self.config),
-                    "optimizer": opt_meta,
-                    "model": dataclasses.asdict(self.model.config),
-                },
-                indent=1,
-            )
-        )
-        shutil.rmtree(state_dir, ignore_errors=True)
-        tmp_dir.rename(state_dir)
-        atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))
-        for old in out.glob("state-*"):
-            if old.name != state_dir.name:
-                shutil.rmtree(old, ignore_errors=True)
+        state_dir = out / f"state-{self.step:08d}"
+        tmp_dir = out / f".tmp-state-{self.step:08d}"
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+        distributed.barrier()
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        save_file(rng, str(tmp_dir / f"rng-{self.rank}.safetensors"))
+        distributed.barrier()
+        if self.rank == 0:
+            save_component(self.model, out / "model.safetensors", kind="denoiser",
+                           tensors=self.ema_state(), extra=extra)  # fmt: skip
+            save_file(_contiguous(self.model.state_dict()), str(tmp_dir / "raw.safetensors"))
+            save_file(_contiguous(dict(enumerate(self.ema))), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
+            opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+            save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
+            (tmp_dir / "state.json").write_text(json.dumps(
+                {"step": self.step, "world": self.world, "train": dataclasses.asdict(self.config),
+                 "optimizer": opt_meta, "model": dataclasses.asdict(self.model.config)},
+                indent=1))  # fmt: skip
+            shutil.rmtree(state_dir, ignore_errors=True)
+            tmp_dir.rename(state_dir)
+            atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))
+            for old in out.glob("state-*"):
+                if old.name != state_dir.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
 
     def load(self, out: Path) -> None:
         latest = out / "latest"
@@ -213,12 +207,30 @@ class Trainer:
                     load_tensors(state_dir / "optimizer.safetensors"), meta["optimizer"]
                 )
             )
-            rng = load_tensors(state_dir / "rng.safetensors")
+            if meta.get("world", 1) != self.world:
+                raise UserError(
+                    f"--resume: {state_dir} was written by {meta.get('world', 1)} processes; "
+                    f"resume it with as many (this run has {self.world})"
+                )
+            rng = load_tensors(state_dir / f"rng-{self.rank}.safetensors")
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"--resume: cannot read {state_dir}: {exc}") from None
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         self.step = int(meta["step"])
+
+
+class _Forward:
+    """The model's attributes, but calls go through DistributedDataParallel."""
+
+    def __init__(self, module: Denoiser, ddp: torch.nn.Module) -> None:
+        self.module, self.ddp = module, ddp
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ddp(*args, **kwargs)
 
 
 def _contiguous(state: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -273,7 +285,7 @@ def train(
     bar = tqdm(
         total=config.steps,
         initial=trainer.step,
-        disable=not progress,
+        disable=not progress or trainer.rank != 0,
         desc="training",
         unit="step",
         file=sys.stderr,
@@ -284,7 +296,7 @@ def train(
         end = min(config.steps, stop_after if stop_after is not None else config.steps)
         while trainer.step < end:
             pending.append(trainer.train_step())
-            images += config.batch_size
+            images += config.batch_size * trainer.world
             bar.update(1)
             if len(pending) == 50 or trainer.step == end:  # one sync per 50 steps
                 values = torch.stack(pending).float().cpu().tolist()
@@ -302,7 +314,7 @@ def train(
                 start += time.perf_counter() - pause  # checkpoint time is not training time
     except KeyboardInterrupt:
         bar.close()
-        if trainer.step > 0:  # a second interrupt here aborts the save; `latest` stays valid
+        if trainer.step > 0 and trainer.world == 1:  # a 2nd Ctrl-C aborts; `latest` stays valid
             trainer.save(out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra})
             print(
                 f"diffplug: interrupted; checkpoint at step {trainer.step} in {out} "

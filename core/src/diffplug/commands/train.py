@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ from diffplug.errors import OptionError, UserError
 @click.option("--out", default=None, help="output directory (default: runs/METHOD)")
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in --out")
 @click.option("--overwrite", is_flag=True, help="start over in an --out that has a run")
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    help="pause at this step (checkpointed; the LR schedule still spans --steps)",
+)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
@@ -93,7 +100,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     }
     torch.manual_seed(loop.seed)
     denoiser = denoiser_cls.from_options(**denoiser_options)
-    if kw["overwrite"] and out.exists():
+    if kw["overwrite"] and out.exists() and os.environ.get("RANK", "0") == "0":
         import shutil
 
         for item in [out / "latest", out / "model.safetensors", *out.glob("state-*")]:
@@ -101,9 +108,13 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
                 shutil.rmtree(item)
             elif item.exists():
                 item.unlink()
-    device = _device(kw["device"])
+    from diffplug import distributed
+
+    device = distributed.local_device(_device(kw["device"]))
+    rank, size = distributed.world()
     params = sum(p.numel() for p in denoiser.parameters())
-    print(
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(
         f"diffplug: training {denoiser_name} ({params / 1e6:.2f}M parameters) with "
         f"{kw['method']} on {len(data)} images, {loop.steps} steps -> {out}",
         file=sys.stderr,
@@ -113,18 +124,20 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
         "command": " ".join(["diffplug", "train", *sys.argv[2:]]),
     }
-    result = train(
-        denoiser,
-        method,
-        data,
-        loop,
-        out,
-        resume=kw["resume"],
-        device=device,
-        progress=not kw["quiet"],
-        extra=extra,
-    )
-    print(
+    with distributed.process_group(device):
+        result = train(
+            denoiser,
+            method,
+            data,
+            loop,
+            out,
+            resume=kw["resume"],
+            device=device,
+            progress=not kw["quiet"],
+            extra=extra,
+            stop_after=kw["stop_after"],
+        )
+    log(
         f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "
         f"{result.images_per_second:.0f} images/s; model at {out / 'model.safetensors'}",
         file=sys.stderr,
