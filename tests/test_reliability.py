@@ -1,0 +1,251 @@
+"""Faults and hostile input: signals, pickles, headers, properties of every sampler."""
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cliutil import FIXTURES, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diffplug.checkpoint import read_header
+from diffplug.errors import CheckpointError
+from diffplug.registry import default_registry
+from diffplug.sampling import sample
+from diffplug.testing import circle_mixture
+from diffplug.vp import VP, VPConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- no pickle anywhere -------------------------------------------------------------------
+
+
+def test_no_pickle_or_torch_load_in_the_code_base():
+    pattern = re.compile(r"torch\.load\(|^\s*import pickle|^\s*from pickle|pickle\.loads?\(", re.M)
+    offenders = []
+    for folder in ("core", "plugins", "docs", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+# -- signals ------------------------------------------------------------------------------
+
+
+def _start(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES), "OMP_NUM_THREADS": "1"}
+    err = open(cwd / "stderr.txt", "w")  # noqa: SIM115 - closed by the caller's wait
+    proc = subprocess.Popen([sys.executable, "-m", "diffplug", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    return proc, err
+
+
+def _wait_for(path, needle, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {path.read_text()}")
+        if re.search(needle, path.read_text()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"never saw {needle!r}: {path.read_text()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_run_leaves_no_output(tmp_path, sig):
+    proc, err = _start(["run", "--sampler", "ddpm", "--steps", "1000", "--num-samples", "256",
+                        "-o", "out.png"], tmp_path)  # fmt: skip
+    _wait_for(tmp_path / "stderr.txt", r"sampling: +\d+%.*\| [1-9]\d*/", proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 130
+    err.close()
+    assert "interrupted" in (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]  # no output, no temp
+
+
+@pytest.mark.slow
+def test_interrupting_train_leaves_a_resumable_checkpoint(tmp_path):
+    args = ["train", "--method", "ddpm", "--steps", "100000", "--batch-size", "8", "--width", "8",
+            "--heads", "2", "--checkpoint-every", "100000", "--out", "run"]  # fmt: skip
+    proc, err = _start(args, tmp_path)
+    _wait_for(tmp_path / "stderr.txt", r"training: +\d+%.*\| [1-9]\d*/", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err.close()
+    text = (tmp_path / "stderr.txt").read_text()
+    step = int(re.search(r"checkpoint at step (\d+)", text).group(1))
+    assert step >= 1 and "Traceback" not in text
+    assert (tmp_path / "run" / "latest").read_text() == f"state-{step:08d}"
+    resumed = run_cli(*[a if a != "100000" else str(step + 2) for a in args[:-2]], "--out",
+                      str(tmp_path / "run"), "--resume", "-q")  # fmt: skip
+    assert resumed.code == 0, resumed.err
+    assert (
+        json.loads((tmp_path / "run" / f"state-{step + 2:08d}" / "state.json").read_text())["step"]
+        == step + 2
+    )
+
+
+# -- hostile checkpoint headers -----------------------------------------------------------
+
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "I64", "X9", 3]),
+        "shape": st.lists(st.integers(-2, 2**40), max_size=4),
+        "data_offsets": st.lists(st.integers(-5, 2**40), min_size=0, max_size=3),
+    }
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    header=st.dictionaries(st.text(max_size=5), entries, max_size=3),
+    declared=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    payload=st.binary(max_size=64),
+)
+def test_any_header_is_validated_or_refused_cleanly(tmp_path, header, declared, payload):
+    raw = json.dumps(header).encode()
+    length = len(raw) if declared is None else declared
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + raw + payload)
+    try:
+        tensors, _ = read_header(path)
+    except CheckpointError:
+        return
+    # accepted: then every tensor lies inside the data that follows the header
+    data = path.stat().st_size - 8 - length
+    for entry in tensors.values():
+        begin, end = entry["data_offsets"]
+        assert 0 <= begin <= end <= data
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_are_refused_cleanly(data):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError):
+            read_header(path)
+
+
+# -- CLI options --------------------------------------------------------------------------
+
+names = st.sampled_from(["eta", "spacing", "steps-offset", "clip-sample", "etaa", "x", "variance"])
+values = st.one_of(
+    st.sampled_from(["0", "-1", "0.5", "1e9", "nan", "leading", "quadratic", "true", "maybe", ""]),
+    st.text(max_size=6),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(sampler=st.sampled_from(["ddim", "ddpm"]), options=st.lists(st.tuples(names, values), max_size=3),
+       steps=st.integers(-2, 1200))  # fmt: skip
+def test_any_cli_options_give_samples_or_a_clean_error(tmp_path, sampler, options, steps):
+    out = tmp_path / "o.safetensors"
+    out.unlink(missing_ok=True)
+    flat = [s for name, value in options for s in (f"--{name}", value)]
+    result = run_cli("run", "--sampler", sampler, "--model", "gmm-digits", "--num-samples", "1",
+                     "--steps", str(steps), "-q", "--overwrite", "-o", str(out), *flat)  # fmt: skip
+    assert result.code in (0, 2), result.err
+    assert "Traceback" not in result.err
+    assert out.exists() == (result.code == 0)
+
+
+# -- properties of every sampler ----------------------------------------------------------
+
+
+def _samplers():
+    return [e.name for e in default_registry().entries("scheduler")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sampler=st.sampled_from(_samplers()),
+    T=st.integers(2, 2000),
+    schedule=st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    data=st.data(),
+)
+def test_every_plan_is_strictly_decreasing_in_range_and_finite(sampler, T, schedule, data):
+    import math
+
+    steps = data.draw(st.integers(1, T))
+    process = VP(VPConfig(num_train_timesteps=T, beta_schedule=schedule))
+    plan = default_registry().load("scheduler", sampler)().plan(process, steps)
+    t = plan.t.tolist()
+    assert all(a > b for a, b in zip(t, t[1:]))
+    assert 0 <= t[-1] and t[0] <= T - 1
+    assert all(0 < a <= 1 and 0 < s < 1 for a, s in zip(plan.alpha, plan.sigma))
+    assert all(math.isfinite(v) for v in [*plan.a, *plan.b, *plan.c, *plan.d])
+
+
+class _TrueX0:
+    """Noise factory whose initial x is a given x_t."""
+
+    def __init__(self, x_t):
+        self.x_t = x_t
+
+    def __call__(self, seeds, shape, n):
+        return self
+
+    def initial(self):
+        return self.x_t
+
+    def next(self):
+        raise AssertionError("deterministic DDIM draws no noise")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.integers(1, 1000),
+    spacing=st.sampled_from(["leading", "trailing", "linspace", "quadratic"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_deterministic_ddim_recovers_x0_from_any_xt_given_the_true_x0(steps, spacing, seed):
+    from diffplug.testing.contracts import _Dummy, _DummyConfig
+    from diffplug_ddim.scheduler import DDIM
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+
+    class Oracle(_Dummy):
+        def forward(self, x, t, cond=None):
+            return x0.to(x.dtype)
+
+    model = Oracle(_DummyConfig(size=2, prediction="x0"))
+    scheduler = DDIM.from_options(spacing=spacing)
+    t0 = int(scheduler.plan(model.process, steps).t[0])
+    alpha, sigma = model.process.alpha_sigma(torch.tensor(float(t0)))
+    x_t = alpha * x0 + sigma * eps
+    out = sample(
+        model, scheduler, steps=steps, seeds=[0, 1, 2], noise=_TrueX0(x_t), dtype=torch.float64
+    )
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", _samplers())
+def test_every_sampler_is_batch_size_invariant_bit_for_bit(sampler):
+    oracle = circle_mixture()
+    scheduler = default_registry().load("scheduler", sampler)()
+    seeds = list(range(1000, 1064))
+    whole = sample(oracle, scheduler, steps=6, seeds=seeds, batch_size=64)
+    for batch in (1, 7):
+        assert torch.equal(sample(oracle, scheduler, steps=6, seeds=seeds, batch_size=batch), whole)
