@@ -317,3 +317,51 @@ def test_plugins_can_add_commands_listed_without_import():
     assert "say hello (from a plugin)" in run_cli("--help", env=env).out
     result = run_cli("hello", "there", env=env)
     assert result.code == 0 and result.out == "hello, there\n"
+
+
+@pytest.mark.parametrize(
+    "sampler, needle",
+    [
+        ("explodes", "building scheduler 'explodes' failed: RuntimeError: constructor exploded"),
+        ("not-a-scheduler", "is not a subclass of diffplug.components.Scheduler"),
+        ("abstract", "does not implement plan"),
+    ],
+)
+def test_broken_components_are_reported_with_their_plugin(tmp_path, sampler, needle):
+    env = {"DIFFPLUG_PLUGINS": "fixture_bad_components"}
+    result = run_cli("run", "--sampler", sampler, *FAST, "-o", str(tmp_path / "x.png"), env=env)
+    assert_clean_error(result, "plugin fixture-bad-components", needle)
+    assert not (tmp_path / "x.png").exists()
+    ok = run_cli("run", "--sampler", "ddim", *FAST, "-o", str(tmp_path / "y.png"), env=env)
+    assert ok.code == 0  # the other plugins are unaffected
+
+
+def test_a_denoiser_returning_the_wrong_shape_is_reported(tmp_path):
+    import fixture_bad_components
+
+    from diffplug.testing import registered
+
+    with registered(fixture_bad_components):
+        path = tmp_path / "w.safetensors"
+        save_component(
+            fixture_bad_components.WrongShape(fixture_bad_components.ShapeConfig(size=4)),
+            path,
+            kind="denoiser",
+        )
+    env = {"DIFFPLUG_PLUGINS": "fixture_bad_components"}
+    result = run_cli(
+        "run",
+        "--sampler",
+        "ddim",
+        "--model",
+        str(path),
+        "--steps",
+        "3",
+        "-q",
+        "-o",
+        str(tmp_path / "o.png"),
+        env=env,
+    )
+    assert_clean_error(
+        result, "fixture_bad_components.WrongShape breaks its contract", "(1, 1, 4, 2)"
+    )

@@ -199,13 +199,17 @@ def load_component(
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path}: a {meta['kind']} checkpoint, but a {kind} is needed here")
     try:
-        cls = registry.load(meta["kind"], f"{meta['plugin']}:{meta['name']}")
+        entry = registry.get(meta["kind"], f"{meta['plugin']}:{meta['name']}")
+        cls = entry.load()
     except UnknownComponentError:
         raise CheckpointError(
             f"{path}: needs {meta['kind']} {meta['name']!r} from {meta['plugin']}, which is not "
             f"installed: pip install {meta['plugin']}"
         ) from None
-    component = cls.from_options(**meta["config"])
+    from diffplug.options import build_config
+
+    config = build_config(cls.Config, meta["config"], owner=f"{meta['kind']} {meta['name']!r}")
+    component = entry.construct(config)
     state = load_tensors(path)
     try:
         component.load_state_dict(state, strict=True)

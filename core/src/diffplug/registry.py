@@ -27,7 +27,12 @@ from typing import Any
 import pluggy
 
 from diffplug import hookspecs
-from diffplug.errors import AmbiguousComponentError, PluginError, UnknownComponentError
+from diffplug.errors import (
+    AmbiguousComponentError,
+    DiffplugError,
+    PluginError,
+    UnknownComponentError,
+)
 
 GROUP = "diffplug"
 CORE_DIST = "diffplug"
@@ -102,7 +107,50 @@ class Entry:
                 f"plugin {self.dist}: cannot load {self.kind} {self.name!r} from "
                 f"{self.target}: {type(exc).__name__}: {exc}"
             ) from exc
+        problem = _interface_problem(self.kind, obj)
+        if problem:
+            raise PluginError(
+                f"plugin {self.dist}: {self.kind} {self.name!r} ({self.target}) {problem}"
+            )
         return obj
+
+    def construct(self, *args: Any, **kwargs: Any) -> Any:
+        """Load and instantiate; a failure names the plugin instead of looking like ours."""
+        cls = self.load()
+        try:
+            return cls(*args, **kwargs)
+        except DiffplugError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {self.dist}: building {self.kind} {self.name!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+#: the base class (module, name) each kind's targets must subclass.
+INTERFACES = {
+    "scheduler": ("diffplug.components", "Scheduler"),
+    "denoiser": ("diffplug.components", "Denoiser"),
+    "conditioner": ("diffplug.components", "Conditioner"),
+    "autoencoder": ("diffplug.components", "Autoencoder"),
+    "process": ("diffplug.process", "Process"),
+    "method": ("diffplug.method", "Method"),
+}
+
+
+def _interface_problem(kind: str, obj: Any) -> str | None:
+    """Why ``obj`` cannot serve as a ``kind`` (wrong type, abstract methods left), or None."""
+    if kind not in INTERFACES:
+        return None
+    module, name = INTERFACES[kind]
+    base = getattr(importlib.import_module(module), name)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        return f"is not a subclass of {module}.{name}"
+    missing = sorted(getattr(obj, "__abstractmethods__", ()))
+    if missing:
+        return f"does not implement {', '.join(missing)}"
+    return None
 
 
 def _resource_path(module: ModuleType, relative: str) -> str:

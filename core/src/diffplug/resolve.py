@@ -38,7 +38,7 @@ def build_scheduler(registry: Registry, name: str, options: dict[str, Any]) -> A
     cls = entry.load()
     from diffplug.options import build_config
 
-    scheduler = cls(build_config(cls.Config, options, owner=f"sampler {entry.name!r}"))
+    scheduler = entry.construct(build_config(cls.Config, options, owner=f"sampler {entry.name!r}"))
     scheduler.name = entry.name
     return scheduler
 

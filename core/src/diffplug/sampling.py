@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
-from diffplug.errors import IncompatibleError, NonFiniteError, UserError
+from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
 from diffplug.noise import NoiseSource
 from diffplug.plan import Plan
 from diffplug.prediction import as_tuple, linear
@@ -200,10 +200,15 @@ class _Loop:
         else:
             both = as_tuple(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null)))
             pred = tuple(torch.lerp(u, c, self.guidance) for c, u in (p.chunk(2) for p in both))
-        if len(pred) != len(self.tables.fp[i]):
-            raise UserError(
-                f"the denoiser returned {len(pred)} tensors but declares prediction "
-                f"{self.denoiser.prediction!r} ({len(self.tables.fp[i])})"
+        if i == 0 and (
+            len(pred) != len(self.tables.fp[i]) or any(p.shape != x.shape for p in pred)
+        ):
+            owner = type(self.denoiser)
+            raise PluginError(
+                f"denoiser {owner.__module__}.{owner.__qualname__} breaks its contract: it "
+                f"declares prediction {self.denoiser.prediction!r} ({len(self.tables.fp[i])} "
+                f"tensor(s) of shape {tuple(x.shape)}) but returned "
+                f"{[tuple(p.shape) for p in pred]}"
             )
         return pred
 
