@@ -363,5 +363,7 @@ def test_a_denoiser_returning_the_wrong_shape_is_reported(tmp_path):
         env=env,
     )
     assert_clean_error(
-        result, "fixture_bad_components.WrongShape breaks its contract", "(1, 1, 4, 2)"
+        result,
+        "fixture_bad_components.WrongShape breaks its contract",
+        "shape (16, 1, 4, 4)) but returned [(16, 1, 4, 2)]",
     )
