@@ -367,3 +367,25 @@ def test_a_denoiser_returning_the_wrong_shape_is_reported(tmp_path):
         "fixture_bad_components.WrongShape breaks its contract",
         "shape (16, 1, 4, 4)) but returned [(16, 1, 4, 2)]",
     )
+
+
+def test_weights_that_disagree_with_their_config_are_refused_before_reading(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from diffplug.registry import default_registry
+
+    good = default_registry().get("pretrained", "ddpm-digits").load()
+    with safe_open(good, "pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    config = json.loads(meta["diffplug.config"])
+    config["width"] = 16  # the file's tensors were built with width 32
+    meta["diffplug.config"] = json.dumps(config)
+    path = tmp_path / "lying.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    result = run_cli(
+        "run", "--sampler", "ddim", "--model", str(path), "-o", str(tmp_path / "o.png")
+    )
+    assert_clean_error(result, "weights do not match the config", "shapes")

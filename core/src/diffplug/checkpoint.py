@@ -176,6 +176,22 @@ def save_component(
         save_file(state, os.fspath(tmp), metadata=metadata)
 
 
+def _check_against_config(path: str | os.PathLike[str], expected: dict[str, torch.Tensor]) -> None:
+    """Names and shapes in the header must be what the config builds, before any read."""
+    header, _ = read_header(path)
+    got = {k: tuple(v["shape"]) for k, v in header.items()}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    if got != want:
+        missing = sorted(set(want) - set(got))[:3]
+        extra = sorted(set(got) - set(want))[:3]
+        shapes = [f"{k}: {got[k]} != {want[k]}" for k in sorted(set(got) & set(want))
+                  if got[k] != want[k]][:3]  # fmt: skip
+        raise CheckpointError(
+            f"{path}: weights do not match the config (missing {missing}, unexpected {extra}, "
+            f"shapes {shapes})"
+        )
+
+
 def load_tensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a validated safetensors file."""
     read_header(path)
@@ -210,6 +226,7 @@ def load_component(
 
     config = build_config(cls.Config, meta["config"], owner=f"{meta['kind']} {meta['name']!r}")
     component = entry.construct(config)
+    _check_against_config(path, component.state_dict())
     state = load_tensors(path)
     try:
         component.load_state_dict(state, strict=True)
