@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_section  # noqa: E402
 
-ALL = ["cli", "training", "loop"]
+ALL = ["loop", "quality", "training", "cli", "memory"]
 
 
 def main(names: list[str]) -> None:

@@ -58,12 +58,26 @@ def run() -> str:
         mine.append(ours(UNet(UNetConfig()), STEPS))
     h, m = statistics.median(hand), statistics.median(mine)
     params = sum(p.numel() for p in UNet(UNetConfig()).parameters())
+    from diffplug.checkpoint import read_metadata
+    from diffplug.registry import default_registry
+
+    shipped = []
+    for entry in default_registry().entries("pretrained"):
+        extra = read_metadata(entry.load())["extra"]
+        if "train" in extra:
+            steps, batch = extra["step"], extra["train"]["batch_size"]
+            minutes = steps * batch / m / 60
+            shipped.append([entry.name, steps, batch, f"{minutes:.0f} min"])
     body = f"""## Training throughput
 
 The default digits UNet ({params / 1e6:.2f}M parameters, 8x8), batch {BATCH}, {STEPS}-step
 windows, median of {WINDOWS}, interleaved; {machine()}.
 
 {table(["loop", "images/s", "ratio"], [["hand-written PyTorch (no EMA, no clipping)", f"{h:.0f}", "1.00"], ["diffplug `Trainer` (EMA, clipping, warm-up)", f"{m:.0f}", f"{m / h:.3f}"]])}
+
+Time to train each shipped model at this throughput (steps x batch / images per second):
+
+{table(["model", "steps", "batch", "time"], shipped)}
 """
     return body
 
