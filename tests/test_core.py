@@ -76,7 +76,7 @@ def test_options_are_coerced_checked_and_listed():
     with pytest.raises(OptionError, match="--eta must be >= 0"):
         build_config(DDIMConfig, {"eta": -1}, owner="ddim")
     with pytest.raises(
-        OptionError, match="its options: --eta, --spacing, --steps-offset, --clip-sample"
+        OptionError, match="its options: --spacing, --steps-offset, --clip-sample, --eta"
     ):
         build_config(DDIMConfig, {"etta": 1}, owner="ddim")
     with pytest.raises(OptionError, match="expects bool"):

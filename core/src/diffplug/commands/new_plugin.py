@@ -51,10 +51,11 @@ def register_schedulers(register: Register) -> None:
 '''
 
 SAMPLER = '''\
-"""The {name} sampler: deterministic DDIM as a plan, a starting point to edit.
+"""The {name} sampler: deterministic DDIM, a starting point to edit.
 
-x_prev = sqrt(abar_prev)*x0_hat + sqrt(1 - abar_prev)*eps_hat, i.e. a = 0, b = sqrt(abar'),
-c = sqrt(1 - abar'), d = 0 in the loop's linear update (see docs/concepts.md).
+A VP sampler only says how one transition from abar_t to abar' (abar at the next timestep)
+updates x: x_next = a*x + b*x0_hat + c*eps_hat + d*z. Spacing, clipping and the process check
+come from ``VPSampler``; see docs/concepts.md.
 """
 
 from __future__ import annotations
@@ -62,46 +63,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from diffplug import Plan, Scheduler
-from diffplug.errors import UserError
 from diffplug.options import option
-from diffplug.process import Process
-from diffplug.vp import VP, spaced_timesteps
+from diffplug.vp_sampler import VPSampler, VPSamplerConfig
 
 
 @dataclass
-class Config:
+class Config(VPSamplerConfig):
     spacing: str = option(
         "trailing", "timestep sub-sequence", choices=("leading", "trailing", "linspace")
     )
 
 
-class Sampler(Scheduler):
+class Sampler(VPSampler):
     """Deterministic DDIM on a discrete VP process."""
 
     Config = Config
 
-    def supports(self, process: Process) -> str | None:
-        return None if isinstance(process, VP) else "needs a discrete VP process"
-
-    def plan(self, process: Process, steps: int) -> Plan:
-        if not isinstance(process, VP):
-            raise UserError("{name} needs a discrete VP process")
-        ts = spaced_timesteps(process.num_timesteps, steps, self.config.spacing)
-        abar = process.alphas_cumprod.double().tolist()
-        nxt = [abar[t] for t in ts[1:]] + [1.0]
-        return Plan(
-            t=torch.tensor(ts, dtype=torch.float64),
-            alpha=[math.sqrt(abar[t]) for t in ts],
-            sigma=[math.sqrt(1 - abar[t]) for t in ts],
-            a=[0.0] * len(ts),
-            b=[math.sqrt(p) for p in nxt],
-            c=[math.sqrt(1 - p) for p in nxt],
-            d=[0.0] * len(ts),
-            info={{"timesteps": ts}},
-        )
+    def step(self, t: int, abar: float, abar_next: float) -> tuple[float, float, float, float]:
+        return 0.0, math.sqrt(abar_next), math.sqrt(1 - abar_next), 0.0
 '''
 
 TESTS = '''\

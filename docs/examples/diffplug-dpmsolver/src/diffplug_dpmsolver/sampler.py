@@ -18,7 +18,8 @@ from diffplug import Plan, Scheduler
 from diffplug.errors import UserError
 from diffplug.options import option
 from diffplug.process import Process
-from diffplug.vp import VP, spaced_timesteps
+from diffplug.vp import VP
+from diffplug.vp_sampler import transitions
 
 
 @dataclass
@@ -60,15 +61,14 @@ class DPMSolver2M(Scheduler):
     def plan(self, process: Process, steps: int) -> Plan:
         if not isinstance(process, VP):
             raise UserError("dpmpp-2m needs a discrete VP process")
-        ts = spaced_timesteps(process.num_timesteps, steps, self.config.spacing)
-        abar = process.alphas_cumprod.double().tolist()
-        alpha = [math.sqrt(abar[t]) for t in ts]
-        sigma = [math.sqrt(1 - abar[t]) for t in ts]
+        ts, here, nxt = transitions(process, steps, self.config.spacing)
+        alpha = [math.sqrt(x) for x in here]
+        sigma = [math.sqrt(1 - x) for x in here]
         lam = [math.log(a / s) for a, s in zip(alpha, sigma, strict=True)]
         a, b = [], []
-        for i in range(len(ts)):
-            if i + 1 < len(ts):
-                a_next, s_next = alpha[i + 1], sigma[i + 1]
+        for i, abar_next in enumerate(nxt):
+            if abar_next < 1.0:
+                a_next, s_next = math.sqrt(abar_next), math.sqrt(1 - abar_next)
                 h = math.log(a_next / s_next) - lam[i]
                 a.append(s_next / sigma[i])
                 b.append(-a_next * math.expm1(-h))
@@ -77,13 +77,6 @@ class DPMSolver2M(Scheduler):
                 b.append(1.0)
         zeros = [0.0] * len(ts)
         return MultistepPlan(
-            t=torch.tensor(ts, dtype=torch.float64),
-            alpha=alpha,
-            sigma=sigma,
-            a=a,
-            b=b,
-            c=zeros,
-            d=list(zeros),
-            lam=lam,
-            info={"timesteps": ts},
-        )
+            t=torch.tensor(ts, dtype=torch.float64), alpha=alpha, sigma=sigma,
+            a=a, b=b, c=zeros, d=list(zeros), lam=lam, info={"timesteps": ts},
+        )  # fmt: skip
