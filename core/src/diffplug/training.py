@@ -107,6 +107,8 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            torch.manual_seed(config.seed + 1_000_003 * self.rank)  # own dropout masks per rank
+
             self.forward = _Forward(self.model, DistributedDataParallel(self.model))
         self.step = 0
         bf16 = config.precision == "bf16" or (

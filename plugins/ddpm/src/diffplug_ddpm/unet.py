@@ -28,7 +28,12 @@ class UNetConfig(DenoiserConfig):
     blocks: int = option(1, "residual blocks per level", min=1)
     attention: list[int] = option([4], "resolutions with self-attention")
     heads: int = option(4, "attention heads", min=1)
-    dropout: float = option(0.0, "dropout in residual blocks", min=0.0, max=1.0)
+    dropout: float = option(
+        0.1,
+        "dropout in residual blocks (0.1 keeps the digits model from memorising)",
+        min=0.0,
+        max=1.0,
+    )
     num_classes: int = option(
         0, "class-conditional with this many classes (0: unconditional)", min=0
     )
