@@ -19,7 +19,7 @@ from diffplug.errors import UserError
 @click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="sample k uses seed+k")
-@click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
 @click.option(

@@ -1,0 +1,30 @@
+"""Registers ADM's process, sampler, training method, dual UNet and shipped model.
+
+Targets are strings: nothing here imports torch or timm until a component is used.
+"""
+
+from diffplug import hookimpl
+from diffplug.hookspecs import Register
+
+
+@hookimpl
+def register_processes(register: Register) -> None:
+    register("decoupled", "diffplug_adm.process:Decoupled",
+             "x_t = x0 + c*t + sqrt(t)*eps, c = -x0 (alpha = 1 - t, sigma = sqrt(t))")  # fmt: skip
+
+
+@hookimpl
+def register_schedulers(register: Register) -> None:
+    register("adm", "diffplug_adm.scheduler:ADM",
+             "decoupled diffusion's posterior step (stochastic, or --deterministic)")  # fmt: skip
+
+
+@hookimpl
+def register_methods(register: Register) -> None:
+    register("adm", "diffplug_adm.method:ADMMethod", "decoupled (c, eps) regression, t ~ U(t_min, 1)")
+
+
+@hookimpl
+def register_denoisers(register: Register) -> None:
+    register("dual-unet", "diffplug_adm.dual_unet:DualUNet",
+             "one encoder, two decoders (c and eps), optional timm condition encoder")  # fmt: skip
