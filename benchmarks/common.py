@@ -27,14 +27,22 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"
 
 
-def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
+def median_time(
+    fn: Callable[[], object], repeats: int = 7, warmup: int = 1, min_seconds: float = 0.05
+) -> float:
+    """Median seconds per call over ``repeats`` timings; each timing loops ``fn`` enough times
+    to last ``min_seconds``, so millisecond calls are not timer and scheduler noise."""
     for _ in range(warmup):
         fn()
+    start = time.perf_counter()
+    fn()
+    inner = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
 
 

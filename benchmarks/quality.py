@@ -4,7 +4,10 @@
    distance between the samples' Gaussian moments and the true mixture's (closed form; the
    sampling-noise floor is the same statistic for exact draws), and for deterministic samplers
    the trajectory error against the same sampler at 1000 steps from the same noise.
-2. The shipped digits model: digits FD (the in-repo evaluator) and its real-vs-real floor.
+2. The shipped digits models: digits FD (the in-repo evaluator) and its real-vs-real floor.
+
+Each sampler runs on the oracle expressed in its own process (VP for DDPM/DDIM/DPM-Solver,
+decoupled for ADM: the same mixture) and on the shipped model it can sample.
 """
 
 from __future__ import annotations
@@ -12,16 +15,26 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import ROOT, machine, table, write_section
+from diffplug.errors import IncompatibleError
 from diffplug.evaluate import evaluate
 from diffplug.registry import default_registry
-from diffplug.resolve import load_model
+from diffplug.resolve import default_model, load_model
 from diffplug.sampling import sample
 from diffplug.testing import circle_mixture
 
 STEPS = [5, 10, 20, 50, 100, 1000]
 DIGIT_STEPS = [5, 10, 20, 50, 100]
-ORACLE_N, DIGITS_N = 4096, 500
-SAMPLERS = [("ddpm", {}), ("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}), ("dpmpp-2m", {})]
+ORACLE_N, DIGITS_N = 4096, 1000
+SAMPLERS = [
+    ("ddpm", {}),
+    ("ddim", {"eta": 0.0}),
+    ("ddim", {"eta": 1.0}),
+    ("dpmpp-2m", {}),
+    ("adm", {}),
+    ("adm", {"deterministic": True}),
+]
+PROCESSES = [{"name": "vp"}, {"name": "decoupled", "t_min": 1e-4}]
+HEAD_TO_HEAD = [5, 10, 20]
 
 
 def gaussian_fd(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float:
@@ -34,7 +47,17 @@ def gaussian_fd(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float
 
 
 def label(name: str, options: dict) -> str:
-    return name + "".join(f" {k}={v:g}" for k, v in options.items())
+    return name + "".join(f" {k}" if v is True else f" {k}={v:g}" for k, v in options.items())
+
+
+def oracle_for(scheduler, registry) -> object | None:
+    """The circle mixture in the first process this sampler runs on (None: none installed)."""
+    for spec in PROCESSES:
+        if spec["name"] in registry.names("process"):
+            oracle = circle_mixture(process=spec)
+            if scheduler.supports(oracle.process) is None:
+                return oracle
+    return None
 
 
 def run() -> str:
@@ -42,13 +65,17 @@ def run() -> str:
     installed = set(registry.names("scheduler"))
     samplers = [(n, o) for n, o in SAMPLERS if n in installed]
     samplers += [(n, {}) for n in sorted(installed) if n not in {s for s, _ in SAMPLERS}]
-    oracle = circle_mixture()
-    mean, cov = oracle.data_mean(), oracle.data_covariance()
+    reference_oracle = circle_mixture()
+    mean, cov = reference_oracle.data_mean(), reference_oracle.data_covariance()
     seeds = range(ORACLE_N)
-    floor = gaussian_fd(oracle.sample_data(ORACLE_N, torch.Generator().manual_seed(1)), mean, cov)
+    exact = reference_oracle.sample_data(ORACLE_N, torch.Generator().manual_seed(1))
+    floor = gaussian_fd(exact, mean, cov)
     oracle_rows, curves = [], {}
     for name, options in samplers:
         scheduler = registry.load("scheduler", name).from_options(**options)
+        oracle = oracle_for(scheduler, registry)
+        if oracle is None:
+            continue
         reference = sample(oracle, scheduler, steps=1000, seeds=seeds)
         deterministic = all(d == 0 for d in scheduler.plan(oracle.process, 10).d[:-1])
         fds, errs = [], []
@@ -65,10 +92,18 @@ def run() -> str:
                 [label(name, options), "trajectory error"] + [f"{v:.4f}" for v in errs]
             )
 
-    model, _ = load_model(registry, "ddpm-digits")
-    digit_rows, digit_curves, digit_floor = [], {}, None
+    digit_rows, digit_curves, digit_floor, models = [], {}, None, {}
     for name, options in samplers:
         scheduler = registry.load("scheduler", name).from_options(**options)
+        scheduler.name = name
+        try:
+            model_name = default_model(registry, scheduler)
+        except IncompatibleError:
+            continue  # no shipped model for this sampler's process
+        if model_name == "gmm-digits":
+            continue  # the oracle is not a trained model
+        model, _ = load_model(registry, model_name)
+        models[label(name, options)] = model_name
         values = []
         for n in DIGIT_STEPS:
             report = evaluate(
@@ -77,28 +112,58 @@ def run() -> str:
             values.append(report["digits_fd"])
             digit_floor = report["floor"]
         digit_curves[label(name, options)] = values
-        digit_rows.append([label(name, options)] + [f"{v:.1f}" for v in values])
+        digit_rows.append([label(name, options), model_name] + [f"{v:.1f}" for v in values])
+
+    head = _head_to_head(curves, digit_curves)
 
     _plot(curves, digit_curves, floor, digit_floor)
     return f"""## Quality against network evaluations
 
 One network evaluation per step for every sampler here. {machine()}.
 
-**Exact oracle** (8 Gaussians on a circle in 4-D, variance 0.02, {ORACLE_N} samples, VP linear
-betas, each sampler's default spacing). "moment FD" is the Frechet distance between the
+**Exact oracle** (8 Gaussians on a circle in 4-D, variance 0.02, {ORACLE_N} samples, each
+sampler's default grid; VP samplers on linear betas, ADM on its decoupled process). "moment FD" is the Frechet distance between the
 samples' mean and covariance and the exact mixture's (exact draws give {floor:.4f}: the
 sampling-noise floor); "trajectory error" (deterministic samplers) is the mean L2 distance to
 the same sampler at 1000 steps from the same initial noise.
 
 {table(["sampler", "metric", *map(str, STEPS)], oracle_rows)}
 
-**Shipped digits model** (`ddpm-digits`), digits FD of {DIGITS_N} samples (real-vs-real floor at
-this count: {digit_floor:.1f}).
+**Shipped digits models**, digits FD of {DIGITS_N} samples, seeds 0-{DIGITS_N - 1}
+(real-vs-real floor at this count: {digit_floor:.1f}).
 
-{table(["sampler", *map(str, DIGIT_STEPS)], digit_rows)}
+{table(["sampler", "model", *map(str, DIGIT_STEPS)], digit_rows)}
+
+{head}
 
 ![quality against steps](quality.png)
 """
+
+
+def _head_to_head(curves: dict, digit_curves: dict) -> str:
+    """ADM against DDIM at the same number of network evaluations (issue: fewer-step claim)."""
+    pairs = [("ddim eta=0", "adm deterministic"), ("ddim eta=1", "adm")]
+    rows = []
+    for vp_name, adm_name in pairs:
+        if adm_name not in curves or vp_name not in curves:
+            return ""
+        for name in (vp_name, adm_name):
+            fds, errs = curves[name]
+            digits = digit_curves.get(name, [None] * len(DIGIT_STEPS))
+            row = [name]
+            for n in HEAD_TO_HEAD:
+                i, j = STEPS.index(n), DIGIT_STEPS.index(n)
+                err = "" if errs[i] is None else f" / {errs[i]:.3f}"
+                fd = "" if digits[j] is None else f"{digits[j]:.1f}"
+                row.append(f"{fds[i]:.4f}{err} | {fd}")
+            rows.append(row)
+    cells = [[r[0], *(c for cell in r[1:] for c in cell.split(" | "))] for r in rows]
+    header = ["sampler"]
+    for n in HEAD_TO_HEAD:
+        header += [f"{n}: oracle moment FD / traj. error", f"{n}: digits FD"]
+    return "**ADM against DDIM at equal network evaluations** (from the tables above):\n\n" + table(
+        header, cells
+    )
 
 
 def _plot(curves, digit_curves, floor, digit_floor) -> None:
@@ -118,7 +183,7 @@ def _plot(curves, digit_curves, floor, digit_floor) -> None:
     for name, values in digit_curves.items():
         axes[2].semilogx(DIGIT_STEPS, values, marker="o", label=name)
     axes[2].axhline(digit_floor, color="grey", ls="--", label="real-vs-real floor")
-    axes[2].set(title="ddpm-digits: digits FD", xlabel="steps")
+    axes[2].set(title="shipped digits models: digits FD", xlabel="steps")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -131,7 +131,9 @@ def test_unknown_sampler(tmp_path):
 
 
 def test_sampler_from_a_missing_plugin_names_the_package(tmp_path):
-    _bad(tmp_path, "--sampler", "adm", needles=("pip install diffplug-adm",))
+    # the workspace installs every plugin; blocking one is what not having it looks like
+    env = {"DIFFPLUG_BLOCK_PLUGINS": "diffplug-adm"}
+    _bad(tmp_path, "--sampler", "adm", env=env, needles=("pip install diffplug-adm",))
 
 
 def test_unknown_model(tmp_path):
@@ -365,7 +367,7 @@ def test_a_denoiser_returning_the_wrong_shape_is_reported(tmp_path):
     assert_clean_error(
         result,
         "fixture_bad_components.WrongShape breaks its contract",
-        "shape (16, 1, 4, 4)) but returned [(16, 1, 4, 2)]",
+        "shape (64, 1, 4, 4)) but returned [(64, 1, 4, 2)]",
     )
 
 

@@ -1,4 +1,5 @@
-"""Core's own plugin: the VP process, pixel space, no conditioning, thresholding, the oracle."""
+"""Core's own plugin: the VP process, pixel space, no or low-res image conditioning,
+thresholding, the oracle."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def register_autoencoders(register: Register) -> None:
 @hookimpl
 def register_conditioners(register: Register) -> None:
     register("none", "diffplug.components:NullConditioner", "no conditioning")
+    register("lowres", "diffplug.conditioners:LowResConditioner",
+             "a low-resolution copy of the image (super-resolution)")  # fmt: skip
 
 
 @hookimpl

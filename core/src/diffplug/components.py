@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from diffplug.errors import UserError
 from diffplug.options import NoOptions, build_config, option
 from diffplug.plan import Plan
 from diffplug.prediction import ARITY, check_kind
@@ -35,6 +36,9 @@ class _Configurable:
 
 class Scheduler(_Configurable, ABC):
     """A sampler: turns a process and a step count into a ``Plan``."""
+
+    #: steps when the user gives none (the method's own recommendation).
+    default_steps: ClassVar[int] = 50
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -109,6 +113,19 @@ class Conditioner(_Configurable, nn.Module):
     def null(self, batch: int) -> Cond:
         """The 'no condition' embedding (classifier-free guidance's unconditional half)."""
         return self.forward([None] * batch)
+
+    def from_data(self, x0: torch.Tensor, generator: torch.Generator) -> Cond:
+        """The training hook: the condition of a clean batch ``x0`` (N, C, H, W) in [-1, 1].
+
+        The trainer calls it for every batch, so a conditioner that can derive its condition
+        from the images themselves (a low-resolution copy, an edge map) needs no labelled data.
+        Random choices (augmentation, noise levels) must draw from ``generator`` alone: it is
+        the trainer's saved stream, which keeps resumed runs exact.
+        """
+        raise UserError(
+            f"conditioner {self.name or type(self).__name__} cannot build conditions from "
+            "training images (it has no from_data); train with one that can, such as lowres"
+        )
 
 
 class Autoencoder(_Configurable, nn.Module):

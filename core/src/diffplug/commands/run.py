@@ -17,7 +17,9 @@ from diffplug.errors import UserError
 )
 @click.option("--sampler", required=True, help="sampler name (`diffplug list samplers`)")
 @click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=None, help="default: the sampler's (50; adm 10)"
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="sample k uses seed+k")
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -39,6 +41,12 @@ from diffplug.errors import UserError
     default=0.995,
     show_default=True,
     help="p for dynamic thresholding",
+)
+@click.option(
+    "--condition-images",
+    default=None,
+    help="for a conditional model: a folder of images or a samples .safetensors, one per sample "
+    "(cycled)",
 )
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
@@ -64,9 +72,12 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
 
     registry = default_registry()
     scheduler = build_scheduler(registry, kw["sampler"], sampler_options)
+    if kw["steps"] is None:
+        kw["steps"] = scheduler.default_steps
     device = distributed.local_device(_device(kw["device"]))
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
+    conditioner, conditions = _conditions(registry, denoiser, label, kw)
     transforms = []
     if kw["threshold"] == "static":
         transforms.append(StaticThreshold())
@@ -84,6 +95,8 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
                 steps=kw["steps"],
                 seeds=mine,
                 batch_size=kw["batch_size"],
+                conditioner=conditioner.to(device) if conditioner is not None else None,
+                conditions=[conditions[s - kw["seed"]] for s in mine] if conditions else None,
                 transforms=transforms,
                 progress=not kw["quiet"] and rank == 0,
                 device=device,
@@ -104,11 +117,39 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
         "seeds": seeds,
         "threshold": kw["threshold"],
         "device": str(device),
+        **(
+            {
+                "conditioner": {"name": conditioner.name, **dataclasses.asdict(conditioner.config)},
+                "condition_images": kw["condition_images"],
+            }
+            if conditioner is not None
+            else {}
+        ),
         "versions": {"diffplug": __version__, "torch": torch.__version__}
         | {p.name: p.version for p in registry.plugins.values()},
     }
     write_samples(samples, output, recipe)
     print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
+
+
+def _conditions(registry: Any, denoiser: Any, label: str, kw: dict[str, Any]) -> tuple[Any, Any]:
+    """The model's recorded conditioner and one input per sample from --condition-images."""
+    from diffplug.conditioners import load_condition_images, recorded_conditioner
+
+    conditioner = recorded_conditioner(denoiser, registry)
+    path = kw["condition_images"]
+    if conditioner is None or conditioner.kind != "image":
+        if path is not None:
+            raise UserError(f"--condition-images: model {label} is not image-conditional")
+        return conditioner, None
+    if path is None:
+        raise UserError(
+            f"model {label} is conditioned on an image ({conditioner.name}): pass "
+            "--condition-images FOLDER (or a samples .safetensors), one image per sample"
+        )
+    channels = getattr(conditioner.config, "channels", denoiser.sample_shape[0])
+    images = load_condition_images(path, denoiser.sample_shape[-1], channels)
+    return conditioner, [images[k % len(images)] for k in range(kw["num_samples"])]
 
 
 def _device(name: str | None) -> Any:

@@ -14,14 +14,19 @@ from diffplug.errors import OptionError, UserError
 
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    epilog="Other --OPTIONs go to the method, the denoiser or the loop, whichever has them "
-    "(`diffplug info METHOD`, `diffplug info unet`).",
+    epilog="Other --OPTIONs go to the method, the denoiser, the conditioner or the loop, "
+    "whichever has them (`diffplug info METHOD`, `diffplug info unet`, `diffplug info lowres`).",
 )
 @click.option("--method", required=True, help="training method (`diffplug list methods`)")
 @click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
 @click.option("--size", type=click.IntRange(min=4), default=8, show_default=True, help="pixels")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True)
 @click.option("--denoiser", default=None, help="denoiser name (default: the method's)")
+@click.option(
+    "--conditioner",
+    default=None,
+    help="builds each batch's condition from its images, e.g. lowres (super-resolution)",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--out", default=None, help="output directory (default: runs/METHOD)")
@@ -60,7 +65,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     from diffplug.data import load_data
     from diffplug.options import build_config, describe
     from diffplug.registry import default_registry
-    from diffplug.training import TrainConfig, train
+    from diffplug.training import TrainConfig, check_conditioner, train
 
     registry = default_registry()
     method_cls = registry.load("method", kw["method"])
@@ -70,18 +75,32 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     def owned(cls: type) -> set[str]:
         return {o.name for o in describe(cls)}
 
-    groups: dict[str, dict[str, str]] = {"method": {}, "denoiser": {}, "loop": {}}
+    conditioner_entry = (
+        registry.get("conditioner", kw["conditioner"]) if kw["conditioner"] else None
+    )
+    conditioner_cls = conditioner_entry.load() if conditioner_entry else None
+
+    groups: dict[str, dict[str, str]] = {
+        "method": {},
+        "denoiser": {},
+        "loop": {},
+        "conditioner": {},
+    }
     owners = [
         ("method", owned(method_cls.Config)),
         ("loop", owned(TrainConfig)),
         ("denoiser", owned(denoiser_cls.Config)),
+        ("conditioner", owned(conditioner_cls.Config) if conditioner_cls else set()),
     ]
     for key, value in extras.items():
         owner = next((name for name, keys in owners if key in keys), None)
         if owner is None:
             every = sorted(set().union(*(keys for _, keys in owners)))
+            kinds = "method, denoiser" + (
+                ", conditioner or loop" if conditioner_cls else " or loop"
+            )
             raise OptionError(
-                f"no method, denoiser or loop option --{key.replace('_', '-')}; options: "
+                f"no {kinds} option --{key.replace('_', '-')}; options: "
                 + ", ".join("--" + k.replace("_", "-") for k in every)
             )
         groups[owner][key] = value
@@ -100,6 +119,22 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     }
     torch.manual_seed(loop.seed)
     denoiser = denoiser_cls.from_options(**denoiser_options)
+    conditioner = None
+    if conditioner_entry is not None:
+        assert conditioner_cls is not None
+        # a condition made from the images has the images' channels unless told otherwise
+        inherited = (
+            {"channels": kw["channels"]} if "channels" in owned(conditioner_cls.Config) else {}
+        )
+        conditioner = conditioner_entry.construct(
+            build_config(
+                conditioner_cls.Config,
+                {**inherited, **groups["conditioner"]},
+                owner=f"conditioner {conditioner_entry.name!r}",
+            )
+        )
+        conditioner.name = conditioner_entry.name
+    check_conditioner(denoiser, conditioner)  # before --overwrite deletes anything
     if kw["overwrite"] and out.exists() and os.environ.get("RANK", "0") == "0":
         import shutil
 
@@ -136,6 +171,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
             progress=not kw["quiet"],
             extra=extra,
             stop_after=kw["stop_after"],
+            conditioner=conditioner,
         )
     log(
         f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "

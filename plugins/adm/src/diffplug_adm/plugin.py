@@ -21,7 +21,9 @@ def register_schedulers(register: Register) -> None:
 
 @hookimpl
 def register_methods(register: Register) -> None:
-    register("adm", "diffplug_adm.method:ADMMethod", "decoupled (c, eps) regression, t ~ U(t_min, 1)")
+    register(
+        "adm", "diffplug_adm.method:ADMMethod", "decoupled (c, eps) regression, t ~ U(t_min, 1)"
+    )
 
 
 @hookimpl

@@ -38,6 +38,7 @@ class ADM(Scheduler):
     """Decoupled diffusion's posterior sampler (Huang et al. 2023)."""
 
     Config = ADMConfig
+    default_steps = 10  # the authors' default
 
     def supports(self, process: Process) -> str | None:
         if not isinstance(process, Decoupled):
