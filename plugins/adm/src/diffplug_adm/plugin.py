@@ -30,3 +30,12 @@ def register_methods(register: Register) -> None:
 def register_denoisers(register: Register) -> None:
     register("dual-unet", "diffplug_adm.dual_unet:DualUNet",
              "one encoder, two decoders (c and eps), optional timm condition encoder")  # fmt: skip
+
+
+@hookimpl
+def register_pretrained(register: Register) -> None:
+    register(
+        "adm-digits",
+        "diffplug_adm:weights/adm-digits.safetensors",
+        "dual UNet (c, eps) trained with ADM's loss on the 8x8 digits; EMA weights",
+    )
