@@ -21,6 +21,7 @@ from diffplug.registry import default_registry
 from diffplug.resolve import default_model, load_model
 from diffplug.sampling import sample
 from diffplug.testing import circle_mixture
+from diffplug.testing.mixture import mixture_for
 
 STEPS = [5, 10, 20, 50, 100, 1000]
 DIGIT_STEPS = [5, 10, 20, 50, 100]
@@ -33,7 +34,6 @@ SAMPLERS = [
     ("adm", {}),
     ("adm", {"deterministic": True}),
 ]
-PROCESSES = [{"name": "vp"}, {"name": "decoupled", "t_min": 1e-4}]
 HEAD_TO_HEAD = [5, 10, 20]
 
 
@@ -50,16 +50,6 @@ def label(name: str, options: dict) -> str:
     return name + "".join(f" {k}" if v is True else f" {k}={v:g}" for k, v in options.items())
 
 
-def oracle_for(scheduler, registry) -> object | None:
-    """The circle mixture in the first process this sampler runs on (None: none installed)."""
-    for spec in PROCESSES:
-        if spec["name"] in registry.names("process"):
-            oracle = circle_mixture(process=spec)
-            if scheduler.supports(oracle.process) is None:
-                return oracle
-    return None
-
-
 def run() -> str:
     registry = default_registry()
     installed = set(registry.names("scheduler"))
@@ -73,9 +63,7 @@ def run() -> str:
     oracle_rows, curves = [], {}
     for name, options in samplers:
         scheduler = registry.load("scheduler", name).from_options(**options)
-        oracle = oracle_for(scheduler, registry)
-        if oracle is None:
-            continue
+        oracle = mixture_for(scheduler)
         reference = sample(oracle, scheduler, steps=1000, seeds=seeds)
         deterministic = all(d == 0 for d in scheduler.plan(oracle.process, 10).d[:-1])
         fds, errs = [], []

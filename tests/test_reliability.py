@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffplug.checkpoint import read_header
-from diffplug.errors import CheckpointError
+from diffplug.errors import CheckpointError, UserError
 from diffplug.registry import default_registry
 from diffplug.sampling import sample
-from diffplug.testing import circle_mixture
+from diffplug.testing.mixture import mixture_for
 from diffplug.vp import VP, VPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,23 +176,38 @@ def _samplers():
     return [e.name for e in default_registry().entries("scheduler")]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     sampler=st.sampled_from(_samplers()),
     T=st.integers(2, 2000),
     schedule=st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    t_min=st.floats(1e-6, 0.2),
     data=st.data(),
 )
-def test_every_plan_is_strictly_decreasing_in_range_and_finite(sampler, T, schedule, data):
+def test_every_plan_is_strictly_decreasing_in_range_and_finite(sampler, T, schedule, t_min, data):
+    """On every installed process the sampler supports (VP, and decoupled where installed)."""
     import math
 
-    steps = data.draw(st.integers(1, T))
-    process = VP(VPConfig(num_train_timesteps=T, beta_schedule=schedule))
-    plan = default_registry().load("scheduler", sampler)().plan(process, steps)
+    from diffplug.process import build_process
+
+    scheduler = default_registry().load("scheduler", sampler)()
+    processes = [VP(VPConfig(num_train_timesteps=T, beta_schedule=schedule))]
+    if "decoupled" in default_registry().names("process"):
+        processes.append(build_process({"name": "decoupled", "t_min": t_min}))
+    supported = [p for p in processes if scheduler.supports(p) is None]
+    assert supported, f"{sampler} runs on none of {[p.name for p in processes]}"
+    process = data.draw(st.sampled_from(supported))
+    steps = data.draw(st.integers(1, T if process.discrete else 2000))
+    try:
+        plan = scheduler.plan(process, steps)
+    except UserError as exc:  # only ADM's uniform grid may refuse: 1/steps below t_min
+        assert sampler == "adm" and steps * process.config.t_min > 1, exc
+        return
     t = plan.t.tolist()
+    low, high = process.t_range
     assert all(a > b for a, b in zip(t, t[1:]))
-    assert 0 <= t[-1] and t[0] <= T - 1
-    assert all(0 < a <= 1 and 0 < s < 1 for a, s in zip(plan.alpha, plan.sigma))
+    assert low <= t[-1] and t[0] <= high
+    assert all(0 <= a <= 1 and 0 < s <= 1 for a, s in zip(plan.alpha, plan.sigma))
     assert all(math.isfinite(v) for v in [*plan.a, *plan.b, *plan.c, *plan.d])
 
 
@@ -243,8 +258,8 @@ def test_deterministic_ddim_recovers_x0_from_any_xt_given_the_true_x0(steps, spa
 
 @pytest.mark.parametrize("sampler", _samplers())
 def test_every_sampler_is_batch_size_invariant_bit_for_bit(sampler):
-    oracle = circle_mixture()
     scheduler = default_registry().load("scheduler", sampler)()
+    oracle = mixture_for(scheduler)
     seeds = list(range(1000, 1064))
     whole = sample(oracle, scheduler, steps=6, seeds=seeds, batch_size=64)
     for batch in (1, 7):

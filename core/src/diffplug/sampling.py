@@ -158,7 +158,7 @@ def sample(
             for batch_seeds in batches:
                 size = len(batch_seeds)
                 cond, null = _conditioning(conditioner, conditions, start, size, guided)
-                x = loop.run(batch_seeds, cond, null, bar.update)
+                x = loop.run(batch_seeds, cond, null, bar.update if progress else None)
                 # NaN/Inf from the denoiser propagates into x: one check per batch, no per-step
                 # sync. Only on failure is the batch replayed (same seeds) to find the step.
                 if check_finite and not bool(torch.isfinite(x).all()):
@@ -193,8 +193,7 @@ class _Loop:
     device: torch.device
     dtype: torch.dtype
 
-    def model(self, x: torch.Tensor, i: int, cond: Cond, null: Cond) -> tuple:
-        t = self.times[i].expand(x.shape[0])
+    def model(self, x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond, null: Cond) -> tuple:
         if not self.guided:
             pred = as_tuple(self.denoiser(x, t, cond))
         else:
@@ -230,12 +229,14 @@ class _Loop:
             )  # fmt: skip
         )
         x = src.initial().to(device=self.device, dtype=self.dtype) * plan.init_scale
+        times = [t.expand(size) for t in self.times]  # views, made once per batch
+        noisy = [plan.noisy(i) for i in range(len(plan))]
         for i in range(len(plan)):
-            pred = self.model(x, i, cond, null)
+            pred = self.model(x, i, times[i], cond, null)
             if health is not None:
                 for p in pred:
                     health[i] += p.reshape(size, -1).sum(1)
-            z = src.next().to(device=self.device, dtype=self.dtype) if plan.noisy(i) else None
+            z = src.next().to(device=self.device, dtype=self.dtype) if noisy[i] else None
             if self.fused:
                 x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
                 if z is not None:

@@ -8,6 +8,8 @@ plugin's tests can call it with ``diffplug.oracle.circle_mixture(process=...)`` 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diffplug.oracle import GaussianMixtureDenoiser
@@ -89,3 +91,17 @@ def assert_matches_mixture(
     print("max |z|:", {k: round(v.abs().max().item(), 2) for k, v in z.items()})
     for key in keys:
         assert z[key].abs().max() <= Z, (key, z[key])
+
+
+def mixture_for(scheduler: Any) -> GaussianMixtureDenoiser:
+    """The circle mixture on the first installed process ``scheduler`` supports (VP first,
+    then every other registered process at its defaults), so one test runs every sampler."""
+    from diffplug.oracle import circle_mixture
+    from diffplug.registry import default_registry
+
+    names = default_registry().names("process")
+    for name in sorted(names, key=lambda n: n != "vp"):
+        oracle = circle_mixture(process={"name": name})
+        if scheduler.supports(oracle.process) is None:
+            return oracle
+    raise LookupError(f"{type(scheduler).__name__} supports none of the processes {names}")

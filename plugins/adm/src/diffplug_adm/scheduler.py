@@ -54,6 +54,11 @@ class ADM(Scheduler):
             if steps == 1:
                 return [1.0, 0.0]
             return [1 - i * (1 - t_min) / (steps - 1) for i in range(steps)] + [0.0]
+        if steps * t_min > 1:
+            raise UserError(
+                f"at most {int(1 / t_min)} stochastic steps: the uniform grid's last time 1/steps "
+                f"would fall below t_min = {t_min:g}, where the model was never trained"
+            )
         times = [1 - i / steps for i in range(steps)]
         if self.config.split_last and times[-1] > t_min:
             times.append(t_min)
