@@ -23,6 +23,7 @@ from diffplug.testing.mixture import (
     mean_distance,
     statistics,
 )
+from diffplug.testing.threads import torch_threads
 from diffplug.vp import VP, VPConfig
 from diffplug_ddim.scheduler import DDIM
 from diffplug_ddpm.scheduler import DDPM
@@ -45,12 +46,8 @@ SCHEDULES = {
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # Small per-call tensors: intra-op threads only add synchronisation, and on a busy
-    # 2-core machine they make the oracle's softmax orders of magnitude slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from diffplug.components import Denoiser, DenoiserConfig
 from diffplug.oracle import GaussianMixtureDenoiser, circle_mixture
 from diffplug.prediction import linear
 from diffplug.sampling import fold, sample
+from diffplug.testing.threads import torch_threads
 from diffplug.vp import VP, VPConfig, spaced_timesteps
 from diffplug_ddim.scheduler import DDIM
 from diffplug_ddpm.scheduler import DDPM
@@ -71,12 +72,8 @@ U32 = 2.0**-24
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a busy
-    # 2-core machine they make e.g. a (4, 8) softmax ~1000x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def process_spec(schedule: str) -> dict:

@@ -22,6 +22,7 @@ from diffplug.oracle import circle_mixture
 from diffplug.process import build_process
 from diffplug.sampling import fold, sample
 from diffplug.testing.mixture import assert_matches_mixture, exact_draws, statistics
+from diffplug.testing.threads import torch_threads
 from diffplug.vp import VP
 from diffplug_adm.process import Decoupled
 from diffplug_adm.scheduler import ADM
@@ -32,10 +33,8 @@ DECOUPLED = {"name": "decoupled", "t_min": 1e-4}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
