@@ -45,8 +45,11 @@ def test_no_pickle_or_torch_load_in_the_code_base():
 def _start(args, cwd):
     env = {**os.environ, "PYTHONPATH": str(FIXTURES), "OMP_NUM_THREADS": "1"}
     err = open(cwd / "stderr.txt", "w")  # noqa: SIM115 - closed by the caller's wait
+    # a shell's background jobs inherit SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "diffplug", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=err,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     return proc, err
 
 
@@ -98,6 +101,25 @@ def test_interrupting_train_leaves_a_resumable_checkpoint(tmp_path):
 
 
 # -- hostile checkpoint headers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [0x80, 0x280, 0x4B50])
+def test_a_safetensors_length_that_looks_like_pickle_magic_still_loads(tmp_path, length):
+    """Header lengths whose first byte is 0x80 (pickle's PROTO) or whose first two are "PK"
+    (torch.save's zip) are ordinary safetensors files (a real SR checkpoint hit 1 in 256)."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + header.ljust(length) + b"\0\0\x80\x3f")
+    tensors, _ = read_header(path)
+    assert tensors["x"]["shape"] == [1]
+    from diffplug.checkpoint import load_tensors
+
+    assert load_tensors(path)["x"].tolist() == [1.0]
+    # and a real pickle is still refused by its content
+    path.write_bytes(b"\x80\x04\x95" + b"\0" * 40)
+    with pytest.raises(CheckpointError, match="pickle"):
+        read_header(path)
+
 
 entries = st.fixed_dictionaries(
     {

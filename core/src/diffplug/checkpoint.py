@@ -57,8 +57,17 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
         )
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = fh.read(9)
+        # A safetensors length prefix may itself start with 0x80 or "PK" (lengths 0x..80,
+        # 0x4b50): only a file that is not a plausible safetensors header is sniffed as pickle.
+        plausible = (
+            len(head) == 9
+            and head[8:9] == b"{"
+            and (struct.unpack("<Q", head[:8])[0] <= min(MAX_HEADER, size - 8))
+        )
+        head = head[:8]
+        fh.seek(8)
+        if not plausible and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise CheckpointError(
                 f"{path}: this is a pickle (torch.save) file, which can run code when loaded; "
                 "diffplug loads only safetensors checkpoints"

@@ -91,9 +91,10 @@ def default_model(registry: Registry, scheduler: Any) -> str:
                 print(f"diffplug: using model {entry.name} ({entry.dist})", file=sys.stderr)
             return entry.name
     names = ", ".join(e.name for e in registry.entries("pretrained")) or "none installed"
+    unreadable = f"; unreadable: {'; '.join(reasons)}" if reasons else ""
     raise IncompatibleError(
-        f"no installed model can be sampled by {scheduler.name!r} (models: {names}); "
-        "pass --model NAME|PATH or install diffplug-ddpm"
+        f"no installed model can be sampled by {scheduler.name!r} (models: {names}"
+        f"{unreadable}); pass --model NAME|PATH or install diffplug-ddpm"
     )
 
 
