@@ -161,15 +161,16 @@ def _plot(curves, digit_curves, floor, digit_floor) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colour = {name: f"C{i}" for i, name in enumerate(curves)}  # one colour per sampler
     for name, (fds, errs) in curves.items():
-        axes[0].loglog(STEPS, fds, marker="o", label=name)
+        axes[0].loglog(STEPS, fds, marker="o", label=name, color=colour[name])
         if errs[0] is not None:
-            axes[1].loglog(STEPS[:-1], errs[:-1], marker="o", label=name)
+            axes[1].loglog(STEPS[:-1], errs[:-1], marker="o", label=name, color=colour[name])
     axes[0].axhline(floor, color="grey", ls="--", label="exact draws")
     axes[0].set(title="oracle: moment FD", xlabel="steps")
     axes[1].set(title="oracle: trajectory error vs 1000 steps", xlabel="steps")
     for name, values in digit_curves.items():
-        axes[2].semilogx(DIGIT_STEPS, values, marker="o", label=name)
+        axes[2].semilogx(DIGIT_STEPS, values, marker="o", label=name, color=colour[name])
     axes[2].axhline(digit_floor, color="grey", ls="--", label="real-vs-real floor")
     axes[2].set(title="shipped digits models: digits FD", xlabel="steps")
     for ax in axes:
