@@ -117,9 +117,10 @@ def test_posterior_through_the_loop():
     torch.testing.assert_close(got[0], mean + math.sqrt((t - u) * u / t) * z1, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("consistent", [False, True])
 @pytest.mark.parametrize("steps", [1, 3, 10])
-def test_deterministic_step_with_the_true_pair_stays_on_the_forward_path(steps):
-    plan = ADM.from_options(deterministic=True).plan(Decoupled(), steps)
+def test_deterministic_step_with_the_true_pair_stays_on_the_forward_path(steps, consistent):
+    plan = ADM.from_options(deterministic=True, consistent=consistent).plan(Decoupled(), steps)
     tables = fold(plan, "c_eps")
     times = plan.info["times"]
     x0, eps = 0.37, -1.21
@@ -142,6 +143,26 @@ def test_grids():
         plan = sampler.plan(process, 25)
         assert bool((plan.t[1:] < plan.t[:-1]).all()) and float(plan.t[-1]) > 0
         assert plan.init_scale == 1.0 and float(plan.t[0]) == 1.0
+
+
+def test_consistent_variant_ignores_the_eps_head():
+    """--consistent: x_next depends on x_t and x0_hat only, so a wrong eps_hat that leaves
+    x0_hat unchanged (c_hat moved to compensate) cannot change the step."""
+    process = Decoupled()
+    plan = ADM.from_options(deterministic=True, consistent=True).plan(process, 8)
+    tables = fold(plan, "c_eps")
+    for i, t in enumerate(plan.info["times"][:-1]):
+        x_t, c, e = 0.3, -0.5, 0.8
+        bump = 0.25  # eps_hat + bump and c_hat - bump*sqrt(t)/t leave x0_hat unchanged
+        a = tables.fx[i] * x_t + tables.fp[i][0] * c + tables.fp[i][1] * e
+        b = (
+            tables.fx[i] * x_t
+            + tables.fp[i][0] * (c - bump * math.sqrt(t) / t)
+            + tables.fp[i][1] * (e + bump)
+        )
+        assert a == pytest.approx(b, abs=1e-12)
+    with pytest.raises(UserError, match="--deterministic"):
+        ADM.from_options(consistent=True).plan(process, 8)
 
 
 def test_refuses_other_processes_and_bad_steps():

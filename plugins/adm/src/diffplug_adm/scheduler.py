@@ -32,6 +32,12 @@ class ADMConfig:
     deterministic: bool = option(False, "the deterministic update instead of the posterior step")
     split_last: bool = option(False, "split the last stochastic step at t_min (authors' denoise)")
     clip_sample: bool = option(False, "clip x0_hat to [-1, 1] at every step (the authors do)")
+    consistent: bool = option(
+        False,
+        "deterministic only: re-derive eps from x_t and x0_hat (DDIM on this process) instead "
+        "of keeping the network's eps_hat; not the authors' update, but it does not accumulate "
+        "the mismatch between the two decoders",
+    )
 
 
 class ADM(Scheduler):
@@ -69,10 +75,16 @@ class ADM(Scheduler):
         if reason:
             raise UserError(reason)
         assert isinstance(process, Decoupled)
+        if self.config.consistent and not self.config.deterministic:
+            raise UserError("--consistent changes the deterministic update: add --deterministic")
         times = self.grid(process, steps)
         a, b, c, d = [], [], [], []
         for t, t_next in zip(times[:-1], times[1:], strict=True):
-            if self.config.deterministic:
+            if self.config.deterministic and self.config.consistent:
+                # eps := (x_t - (1 - t)*x0_hat)/sqrt(t), then the same update
+                r = math.sqrt(t_next / t)
+                coefs = (r, (1 - t_next) - r * (1 - t), 0.0, 0.0)
+            elif self.config.deterministic:
                 coefs = (0.0, 1 - t_next, math.sqrt(t_next), 0.0)
             else:
                 s = t - t_next  # x0_hat*s == -c_hat*s
