@@ -47,6 +47,11 @@ class Scheduler(_Configurable, ABC):
         """``None`` if this sampler can run on ``process``, else the reason it cannot."""
         return None
 
+    def native_process(self) -> Process | None:
+        """The process this sampler plans on when the model's own is foreign: a denoiser of
+        another process is then bridged to it (``diffplug.bridge``). None: no bridging."""
+        return None
+
     @abstractmethod
     def plan(self, process: Process, steps: int) -> Plan:
         """Every step's time and update coefficients, computed once per run."""

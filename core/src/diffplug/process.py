@@ -41,6 +41,26 @@ class Process(ABC):
     def t_range(self) -> tuple[float, float]:
         """The smallest and largest time a sample is ever noised at (t_min, t_max)."""
 
+    def logsnr(self, t: torch.Tensor) -> torch.Tensor:
+        """log(alpha^2/sigma^2) in float64; -inf where alpha = 0, +inf where sigma = 0."""
+        alpha, sigma = self.alpha_sigma(t)
+        return 2 * (alpha.log() - sigma.log())
+
+    def t_for_logsnr(self, logsnr: torch.Tensor) -> torch.Tensor:
+        """The time with this log-SNR, clamped to ``t_range`` (bisection; log-SNR must fall
+        as t grows, as it does for every diffusion process). A subclass may override with a
+        closed form."""
+        target = torch.as_tensor(logsnr, dtype=torch.float64)
+        lo_t, hi_t = self.t_range
+        lo = torch.full_like(target, lo_t)
+        hi = torch.full_like(target, hi_t)
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            above = self.logsnr(mid) > target  # still too clean: go later
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return (lo + hi) / 2
+
     def spec(self) -> dict[str, Any]:
         """JSON-able description, stored in a denoiser's checkpoint."""
         return {"name": self.name, **dataclasses.asdict(self.config)}

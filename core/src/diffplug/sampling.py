@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffplug.bridge import bridge
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
 from diffplug.noise import NoiseSource
@@ -127,6 +128,7 @@ def sample(
         raise UserError(f"steps must be a positive integer; got {steps}")
     if not seeds:
         raise UserError("nothing to sample: no seeds given")
+    denoiser = bridge(denoiser, scheduler)  # a model of another process, re-expressed
     check_compatible(denoiser, scheduler, conditioner, autoencoder)
     if conditions is not None and len(conditions) != len(seeds):
         raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")

@@ -52,6 +52,9 @@ class VPSampler(Scheduler):
             return f"needs a discrete VP (DDPM) process, the model was trained on {process.name!r}"
         return None
 
+    def native_process(self) -> Process | None:
+        return VP()  # DDPM's linear betas, T = 1000
+
     @abstractmethod
     def step(self, t: int, abar: float, abar_next: float) -> tuple[float, float, float, float]:
         """(a, b, c, d) of x_next = a*x + b*x0_hat + c*eps_hat + d*z for one transition."""

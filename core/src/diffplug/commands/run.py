@@ -84,7 +84,10 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
     elif kw["threshold"] == "dynamic":
         transforms.append(DynamicThreshold(DynamicConfig(percentile=kw["threshold_percentile"])))
     seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
-    plan_info = scheduler.plan(denoiser.process, kw["steps"]).info
+    from diffplug.bridge import ProcessBridge, bridge
+
+    sampled = bridge(denoiser, scheduler)  # a model of another process is re-expressed
+    plan_info = scheduler.plan(sampled.process, kw["steps"]).info
     rank, size = distributed.world()
     with distributed.process_group(device):
         mine = distributed.shard(seeds, kw["batch_size"], rank, size)
@@ -116,6 +119,11 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
         "timesteps": plan_info.get("timesteps"),
         "seeds": seeds,
         "threshold": kw["threshold"],
+        **(
+            {"bridged": {"from": denoiser.process.spec(), "to": sampled.process.spec()}}
+            if isinstance(sampled, ProcessBridge)
+            else {}
+        ),
         "device": str(device),
         **(
             {

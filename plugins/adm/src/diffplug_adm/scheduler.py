@@ -51,6 +51,9 @@ class ADM(Scheduler):
             return f"needs the decoupled (ADM) process, the model was trained on {process.name!r}"
         return None
 
+    def native_process(self) -> Process | None:
+        return Decoupled()
+
     def grid(self, process: Decoupled, steps: int) -> list[float]:
         """Evaluation times, then 0: steps + 1 entries (one more with ``split_last``)."""
         if steps < 1:
