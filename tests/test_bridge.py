@@ -14,9 +14,11 @@ import pytest
 import torch
 from cliutil import run_cli
 
-from diffplug.bridge import ProcessBridge, bridge
+from diffplug.bridge import bridge_plan, planning_process
+from diffplug.errors import IncompatibleError
 from diffplug.oracle import circle_mixture
-from diffplug.sampling import sample
+from diffplug.prediction import as_tuple
+from diffplug.sampling import fold, sample
 from diffplug.testing.mixture import assert_matches_mixture
 from diffplug.testing.threads import torch_threads
 from diffplug.vp import VP, VPConfig
@@ -35,33 +37,46 @@ def _one_thread():
         yield
 
 
-def _v(oracle, x, t):
-    """The oracle's exact answer in its own process, as v = alpha*eps - sigma*x0."""
-    x0 = oracle(x, t)
-    a, s = (z.view(-1, 1, 1, 1) for z in oracle.process.alpha_sigma(t))
-    return a * ((x - a * x0) / s) - s * x0
+def _x0_eps_bridged(plan, oracle, x, i):
+    """(x0_hat, eps_hat) the loop forms at step i of a bridged plan from ``oracle``."""
+    tables = fold(plan, oracle.prediction)
+    t = plan.model_t[i].expand(x.shape[0])
+    (pred,) = as_tuple(oracle(x * plan.model_scale[i], t))
+    return (
+        tables.x0_x[i] * x + tables.x0_p[i][0] * pred,
+        tables.eps_x[i] * x + tables.eps_p[i][0] * pred,
+    )
 
 
 @pytest.mark.parametrize(
-    "source, target, times",
+    "source, target, sampler",
     [
-        (VP_LINEAR, DECOUPLED, [0.01, 0.2, 0.5, 0.9, 0.99]),
-        (DECOUPLED, VP_LINEAR, [0.0, 1.0, 123.5, 500.0, 998.25]),
-        (
-            {"name": "vp", "beta_schedule": "squaredcos_cap_v2"},
-            VP_LINEAR,
-            [3.0, 250.75, 900.0],
-        ),
+        (VP_LINEAR, DECOUPLED, ADM()),
+        (VP_LINEAR, DECOUPLED, ADM.from_options(deterministic=True)),
+        (DECOUPLED, VP_LINEAR, DDIM.from_options(spacing="trailing")),
+        ({"name": "vp", "beta_schedule": "squaredcos_cap_v2"}, VP_LINEAR, DDIM()),
     ],
-    ids=["vp->decoupled", "decoupled->vp", "cosine->linear"],
+    ids=["vp->adm", "vp->adm-deterministic", "decoupled->ddim", "cosine->linear"],
 )
-def test_the_bridged_oracle_is_the_oracle_of_the_other_process(source, target, times):
+def test_the_bridged_oracle_is_the_oracle_of_the_other_process(source, target, sampler):
+    """At every step whose SNR the model's process covers, the bridged plan turns the model
+    of P into exactly the x0_hat and eps_hat the same mixture gives in Q."""
     inner, direct = circle_mixture(process=source), circle_mixture(process=target)
-    bridged = ProcessBridge(inner, direct.process)
+    plan = bridge_plan(sampler.plan(direct.process, 25), inner.process)
     x = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    for t in times:
-        tt = torch.full((6,), t, dtype=F64)
-        torch.testing.assert_close(bridged(x, tt), _v(direct, x, tt), rtol=0, atol=1e-11)
+    checked = 0
+    for i in range(len(plan)):
+        a, s = plan.alpha[i], plan.sigma[i]
+        low, high = inner.process.t_range
+        if not low + 1e-3 * (high - low) < float(plan.model_t[i]) < high - 1e-3 * (high - low):
+            continue  # at or beyond the ends of the model's SNR range: clamped (next test)
+        x0, eps = _x0_eps_bridged(plan, inner, x, i)
+        want = direct(x, plan.t[i].expand(6))
+        torch.testing.assert_close(x0, want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(eps, (x - a * want) / s, rtol=0, atol=1e-8)
+        checked += 1
+    assert checked >= 22
+    assert float(plan.model_t.min()) >= inner.process.t_range[0]
 
 
 @pytest.mark.parametrize(
@@ -77,24 +92,47 @@ def test_t_for_logsnr_inverts_logsnr(process):
     torch.testing.assert_close(ends, torch.tensor([low, high], dtype=F64), rtol=0, atol=1e-9)
 
 
+def test_a_two_headed_prediction_is_read_back_consistent_with_x():
+    """Through v, the bridged (x0_hat, eps_hat) of a (c, eps) model whose heads disagree still
+    satisfy x = alpha*x0_hat + sigma*eps_hat in the sampler's process (a deterministic sampler
+    would otherwise accumulate the disagreement)."""
+    model = circle_mixture(process=DECOUPLED)
+    plan = bridge_plan(DDIM().plan(VP(), 20), model.process)
+    tables = fold(plan, "c_eps")
+    g = torch.Generator().manual_seed(3)
+    x, c, eps = (torch.randn(5, 4, generator=g, dtype=F64) for _ in range(3))  # unrelated heads
+    for i in range(len(plan)):
+        x0_hat = tables.x0_x[i] * x + tables.x0_p[i][0] * c + tables.x0_p[i][1] * eps
+        eps_hat = tables.eps_x[i] * x + tables.eps_p[i][0] * c + tables.eps_p[i][1] * eps
+        back = plan.alpha[i] * x0_hat + plan.sigma[i] * eps_hat
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-12)
+
+
 def test_pure_noise_outside_the_source_range_stays_finite():
     """ADM starts at t = 1 (alpha = 0): no VP time has that SNR, so the bridge clamps to the
-    VP model's noisiest step and answers v = -x0_hat there (x0_hat near the data mean)."""
+    VP model's noisiest step, where x0_hat is near the data mean."""
     oracle = circle_mixture(process=VP_LINEAR)
-    bridged = ProcessBridge(oracle, Decoupled())
+    plan = bridge_plan(ADM().plan(Decoupled(), 10), oracle.process)
+    assert float(plan.model_t[0]) == pytest.approx(999.0)
     x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    v = bridged(x, torch.ones(4, dtype=F64))
-    assert bool(torch.isfinite(v).all())
-    mean = oracle.data_mean().view(1, 1, 2, 2)
-    assert float((v + mean).abs().max()) < 0.05
+    x0, eps = _x0_eps_bridged(plan, oracle, x, 0)
+    assert bool(torch.isfinite(x0).all()) and bool(torch.isfinite(eps).all())
+    assert float((x0 - oracle.data_mean().view(1, 1, 2, 2)).abs().max()) < 0.05
 
 
-def test_bridge_only_when_needed():
-    vp_oracle = circle_mixture(process=VP_LINEAR)
-    assert bridge(vp_oracle, DDIM()) is vp_oracle
-    bridged = bridge(vp_oracle, ADM())
-    assert isinstance(bridged, ProcessBridge) and bridged.process.name == "decoupled"
-    assert bridged.prediction == "v" and bridged.sample_shape == vp_oracle.sample_shape
+def test_planning_process_bridges_only_when_needed():
+    vp, decoupled = VP(), Decoupled()
+    assert planning_process(DDIM(), vp) is vp
+    assert planning_process(ADM(), decoupled) is decoupled
+    assert planning_process(ADM(), vp).name == "decoupled"
+    assert planning_process(DDIM(), decoupled).name == "vp"
+
+    class NoNative(DDIM):
+        def native_process(self):
+            return None
+
+    with pytest.raises(IncompatibleError, match="needs a discrete VP"):
+        planning_process(NoNative(), decoupled)
 
 
 @pytest.mark.slow

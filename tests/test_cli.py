@@ -285,29 +285,27 @@ def test_asking_for_a_component_of_a_plugin_that_raised_on_import(tmp_path):
     assert result.err.count("fixture-broken-import failed to load") == 1
 
 
-def test_nonfinite_denoiser_output_stops_with_step_and_sample(tmp_path):
-    import fixture_nan_model
-    from fixture_nan_model import NaNConfig, NaNDenoiser
+def _run_fixture_model(tmp_path, module_name: str, model, steps: int):
+    """Save ``model`` (a component of the fixture plugin ``module_name``) and run DDIM on it."""
+    import importlib
 
     from diffplug.checkpoint import save_component
     from diffplug.testing import registered
 
-    with registered(fixture_nan_model):
-        path = tmp_path / "nan.safetensors"
-        save_component(NaNDenoiser(NaNConfig(size=4)), path, kind="denoiser")
+    with registered(importlib.import_module(module_name)):
+        path = tmp_path / "model.safetensors"
+        save_component(model, path, kind="denoiser")
     out = tmp_path / "o.png"
-    result = run_cli(
-        "run",
-        "--sampler",
-        "ddim",
-        "--model",
-        str(path),
-        "--steps",
-        "10",
-        "-q",
-        "-o",
-        str(out),
-        env={"DIFFPLUG_PLUGINS": "fixture_nan_model"},
+    result = run_cli("run", "--sampler", "ddim", "--model", str(path), "--steps", str(steps),
+                     "-q", "-o", str(out), env={"DIFFPLUG_PLUGINS": module_name})  # fmt: skip
+    return result, out
+
+
+def test_nonfinite_denoiser_output_stops_with_step_and_sample(tmp_path):
+    from fixture_nan_model import NaNConfig, NaNDenoiser
+
+    result, out = _run_fixture_model(
+        tmp_path, "fixture_nan_model", NaNDenoiser(NaNConfig(size=4)), 10
     )
     assert result.code == 1
     assert "NaN or Inf at step 6/10 (t=400)" in result.err and "seed 0" in result.err
@@ -339,30 +337,10 @@ def test_broken_components_are_reported_with_their_plugin(tmp_path, sampler, nee
 
 
 def test_a_denoiser_returning_the_wrong_shape_is_reported(tmp_path):
-    import fixture_bad_components
+    from fixture_bad_components import ShapeConfig, WrongShape
 
-    from diffplug.testing import registered
-
-    with registered(fixture_bad_components):
-        path = tmp_path / "w.safetensors"
-        save_component(
-            fixture_bad_components.WrongShape(fixture_bad_components.ShapeConfig(size=4)),
-            path,
-            kind="denoiser",
-        )
-    env = {"DIFFPLUG_PLUGINS": "fixture_bad_components"}
-    result = run_cli(
-        "run",
-        "--sampler",
-        "ddim",
-        "--model",
-        str(path),
-        "--steps",
-        "3",
-        "-q",
-        "-o",
-        str(tmp_path / "o.png"),
-        env=env,
+    result, _ = _run_fixture_model(
+        tmp_path, "fixture_bad_components", WrongShape(ShapeConfig(size=4)), 3
     )
     assert_clean_error(
         result,

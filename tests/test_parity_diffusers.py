@@ -443,6 +443,19 @@ def run_ddim_trajectories(schedule, prediction, eta, spacing, steps, steps_offse
     return den, out
 
 
+def assert_trajectories_match(den, out, prediction, spacing, steps):
+    """float64 against exact-schedule diffusers; float32 within the conversion's tolerance;
+    and, where run, against stock float32 diffusers."""
+    abar = den.process.alphas_cumprod.to(F64).tolist()
+    ts = spaced_timesteps(T, steps, spacing)
+    assert max_diff(out["diffplug64"], out["diffusers64"]) <= TOL64
+    assert max_diff(out["diffplug32"], out["diffusers32"]) <= float32_tolerance(
+        prediction, abar, ts
+    )
+    if "stock32" in out:
+        assert max_diff(out["diffplug32"], out["stock32"]) <= TOL32
+
+
 # Trajectories cover step counts x spacings pairwise (single steps cover the full product):
 # trailing 10 has the largest jumps and, for cosine, starts at t = 999.
 @pytest.mark.parametrize("spacing, steps", [("leading", 50), ("trailing", 10)])
@@ -454,14 +467,7 @@ def test_ddim_trajectory_matches_diffusers(schedule, prediction, eta, spacing, s
     # (see the module docstring)
     stock = schedule != "squaredcos_cap_v2"
     den, out = run_ddim_trajectories(schedule, prediction, eta, spacing, steps, stock=stock)
-    abar = den.process.alphas_cumprod.to(F64).tolist()
-    ts = spaced_timesteps(T, steps, spacing)
-    assert max_diff(out["diffplug64"], out["diffusers64"]) <= TOL64
-    assert max_diff(out["diffplug32"], out["diffusers32"]) <= float32_tolerance(
-        prediction, abar, ts
-    )
-    if stock:
-        assert max_diff(out["diffplug32"], out["stock32"]) <= TOL32
+    assert_trajectories_match(den, out, prediction, spacing, steps)
 
 
 def run_ddpm_trajectories(schedule, prediction, variance, spacing, steps, stock=True):
@@ -491,14 +497,7 @@ def run_ddpm_trajectories(schedule, prediction, variance, spacing, steps, stock=
 def test_ddpm_trajectory_matches_diffusers(schedule, prediction, variance, spacing, steps):
     stock = schedule != "squaredcos_cap_v2"
     den, out = run_ddpm_trajectories(schedule, prediction, variance, spacing, steps, stock=stock)
-    abar = den.process.alphas_cumprod.to(F64).tolist()
-    ts = spaced_timesteps(T, steps, spacing)
-    assert max_diff(out["diffplug64"], out["diffusers64"]) <= TOL64
-    assert max_diff(out["diffplug32"], out["diffusers32"]) <= float32_tolerance(
-        prediction, abar, ts
-    )
-    if stock:
-        assert max_diff(out["diffplug32"], out["stock32"]) <= TOL32
+    assert_trajectories_match(den, out, prediction, spacing, steps)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -37,6 +37,12 @@ class Plan:
     transforms: list = field(default_factory=list)
     #: extra facts for the recipe (resolved timesteps, spacing...).
     info: dict = field(default_factory=dict)
+    #: set by ``diffplug.bridge`` when the model was trained on another process: the times it
+    #: is called at, the scale applied to x before the call, and its alpha, sigma there.
+    model_t: torch.Tensor | None = None
+    model_scale: list[float] | None = None
+    model_alpha: list[float] | None = None
+    model_sigma: list[float] | None = None
 
     #: False when ``update`` is overridden, so the loop must not fold the tables.
     linear = True

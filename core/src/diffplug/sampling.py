@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffplug.bridge import bridge
+from diffplug.bridge import bridge_plan, planning_process
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
 from diffplug.noise import NoiseSource
 from diffplug.plan import Plan
-from diffplug.prediction import as_tuple, linear
+from diffplug.prediction import Linear, as_tuple, linear
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,7 +54,10 @@ def fold(plan: Plan, prediction: str) -> _Tables:
     """Fold the prediction -> (x0, eps) maps into the plan's update coefficients."""
     x0_x, x0_p, eps_x, eps_p, fx, fp = [], [], [], [], [], []
     for i in range(len(plan)):
-        lin = linear(prediction, plan.alpha[i], plan.sigma[i])
+        if plan.model_scale is None:
+            lin = linear(prediction, plan.alpha[i], plan.sigma[i])
+        else:  # a model of another process (``diffplug.bridge``)
+            lin = _bridged(plan, i, prediction)
         a, b, c = plan.a[i], plan.b[i], plan.c[i]
         x0_x.append(lin.x0_x)
         x0_p.append(lin.x0_p)
@@ -63,6 +66,25 @@ def fold(plan: Plan, prediction: str) -> _Tables:
         fx.append(a + _mul(b, lin.x0_x) + _mul(c, lin.eps_x))
         fp.append(tuple(_mul(b, p) + _mul(c, q) for p, q in zip(lin.x0_p, lin.eps_p, strict=True)))
     return _Tables(x0_x, x0_p, eps_x, eps_p, fx, fp)
+
+
+def _bridged(plan: Plan, i: int, prediction: str) -> Linear:
+    """The conversion at step i of a bridged plan (``diffplug.bridge``), still linear in
+    (x, prediction): the model's answer in its own process (input scaled by k), re-expressed
+    as v = alpha*eps - sigma*x0 of the plan's process and read back from v. Going through v
+    keeps the pair consistent with x (a two-headed model's heads may disagree slightly, and
+    a deterministic sampler would accumulate that) and is well-conditioned at alpha = 0."""
+    assert plan.model_alpha is not None and plan.model_sigma is not None
+    assert plan.model_scale is not None
+    k = plan.model_scale[i]
+    own = linear(prediction, plan.model_alpha[i], plan.model_sigma[i])
+    a, s = plan.alpha[i], plan.sigma[i]
+    n = a * a + s * s
+    v_x = a * own.eps_x * k - s * own.x0_x * k
+    v_p = tuple(a * e - s * x for x, e in zip(own.x0_p, own.eps_p, strict=True))
+    x0_p = tuple(-s * v / n for v in v_p)
+    eps_p = tuple(a * v / n for v in v_p)
+    return Linear((a - s * v_x) / n, x0_p, (s + a * v_x) / n, eps_p)
 
 
 def _mul(coef: float, value: float) -> float:
@@ -85,9 +107,7 @@ def check_compatible(
     autoencoder: Autoencoder | None = None,
 ) -> None:
     """Refuse, before the first step, components that cannot run together."""
-    reason = scheduler.supports(denoiser.process)
-    if reason:
-        raise IncompatibleError(f"sampler {scheduler.name or type(scheduler).__name__}: {reason}")
+    planning_process(scheduler, denoiser.process)  # the sampler's process, or a bridge to it
     wanted = denoiser.conditioning
     given = getattr(conditioner, "kind", None)
     if wanted != given and not (wanted is None and given is None):
@@ -128,7 +148,6 @@ def sample(
         raise UserError(f"steps must be a positive integer; got {steps}")
     if not seeds:
         raise UserError("nothing to sample: no seeds given")
-    denoiser = bridge(denoiser, scheduler)  # a model of another process, re-expressed
     check_compatible(denoiser, scheduler, conditioner, autoencoder)
     if conditions is not None and len(conditions) != len(seeds):
         raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
@@ -136,13 +155,17 @@ def sample(
         device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
     device = torch.device(device)
 
-    plan = scheduler.plan(denoiser.process, steps)
+    process = planning_process(scheduler, denoiser.process)
+    plan = scheduler.plan(process, steps)
+    if process is not denoiser.process:  # a model of another process: bridged, once per run
+        plan = bridge_plan(plan, denoiser.process)
     tables = fold(plan, denoiser.prediction)
     all_transforms = [*plan.transforms, *transforms]
     fused = plan.linear and not all_transforms and callback is None
     n = len(plan)
     noisy_steps = sum(plan.noisy(i) for i in range(n))
-    times = list(plan.t.to(device=device, dtype=dtype).unbind(0))
+    model_t = plan.model_t if plan.model_t is not None else plan.t
+    times = list(model_t.to(device=device, dtype=dtype).unbind(0))
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
     batch_size = batch_size or len(seeds)
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -233,8 +256,10 @@ class _Loop:
         x = src.initial().to(device=self.device, dtype=self.dtype) * plan.init_scale
         times = [t.expand(size) for t in self.times]  # views, made once per batch
         noisy = [plan.noisy(i) for i in range(len(plan))]
+        scale = plan.model_scale
         for i in range(len(plan)):
-            pred = self.model(x, i, times[i], cond, null)
+            x_in = x if scale is None else x * scale[i]
+            pred = self.model(x_in, i, times[i], cond, null)
             if health is not None:
                 for p in pred:
                     health[i] += p.reshape(size, -1).sum(1)

@@ -84,10 +84,10 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
     elif kw["threshold"] == "dynamic":
         transforms.append(DynamicThreshold(DynamicConfig(percentile=kw["threshold_percentile"])))
     seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
-    from diffplug.bridge import ProcessBridge, bridge
+    from diffplug.bridge import planning_process
 
-    sampled = bridge(denoiser, scheduler)  # a model of another process is re-expressed
-    plan_info = scheduler.plan(sampled.process, kw["steps"]).info
+    process = planning_process(scheduler, denoiser.process)  # another process: bridged
+    plan_info = scheduler.plan(process, kw["steps"]).info
     rank, size = distributed.world()
     with distributed.process_group(device):
         mine = distributed.shard(seeds, kw["batch_size"], rank, size)
@@ -120,8 +120,8 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
         "seeds": seeds,
         "threshold": kw["threshold"],
         **(
-            {"bridged": {"from": denoiser.process.spec(), "to": sampled.process.spec()}}
-            if isinstance(sampled, ProcessBridge)
+            {"bridged": {"from": denoiser.process.spec(), "to": process.spec()}}
+            if process is not denoiser.process
             else {}
         ),
         "device": str(device),
