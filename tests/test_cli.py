@@ -175,6 +175,8 @@ def test_negative_eta(tmp_path):
 def test_bad_option_value_type(tmp_path):
     _bad(tmp_path, "--sampler", "ddim", *FAST, "--eta", "lots", needles=("--eta expects float",))
     _bad(tmp_path, "--sampler", "ddim", *FAST, "--spacing", "cubic", needles=("must be one of",))
+    for value in ("nan", "inf", "-inf"):  # nan passes every min/max comparison
+        _bad(tmp_path, "--sampler", "ddim", *FAST, "--eta", value, needles=("--eta expects float",))
 
 
 def test_num_samples_must_be_positive(tmp_path):

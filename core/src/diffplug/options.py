@@ -12,6 +12,7 @@ The CLI turns these into ``--eta``; checkpoints store ``asdict(config)`` as JSON
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -120,7 +121,10 @@ def coerce(info: OptionInfo, value: Any, *, owner: str) -> Any:
         if origin is dict or typ is dict or typ is Any:
             return value
         if typ is float and isinstance(value, int | float | str):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan would slip through every min/max check
+                raise ValueError(value)
+            return number
         if typ is int and isinstance(value, str | int) and not isinstance(value, bool):
             return int(value)
         if typ is str:
