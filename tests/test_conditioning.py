@@ -64,7 +64,7 @@ def test_from_data_downsamples_exactly_as_the_data_module_and_draws_nothing():
     assert torch.equal(generator.get_state(), state)  # resumed runs stay exact
     with pytest.raises(UserError, match="3-channel images"):
         LowResConditioner(LowResConfig(channels=3)).from_data(x0, generator)
-    with pytest.raises(UserError, match="cannot build conditions from training images"):
+    with pytest.raises(UserError, match="cannot build conditions from training data"):
         NullConditioner().from_data(x0, generator)
 
 
@@ -129,6 +129,7 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
         "plugin": "diffplug",
         "name": "lowres",
         "config": {"low_size": 4, "channels": 1},
+        "weights": False,
     }
     _write_pngs(tmp_path / "lowres", [(16, 16), (9, 7)])
     base = ("run", "--model", model, "--sampler", "adm", "--steps", "2", "--num-samples", "3",

@@ -24,6 +24,8 @@ from diffplug.errors import CheckpointError, UnknownComponentError, UserError
 from diffplug.registry import Registry, default_registry
 
 FORMAT = "diffplug/1"
+#: a denoiser file's tensors under this prefix are its trained conditioner's (a text encoder)
+CONDITIONER_PREFIX = "conditioner."
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar"}
 MAX_HEADER = 100 * 1024 * 1024
 DTYPE_SIZES = {
@@ -185,10 +187,15 @@ def save_component(
         save_file(state, os.fspath(tmp), metadata=metadata)
 
 
-def _check_against_config(path: str | os.PathLike[str], expected: dict[str, torch.Tensor]) -> None:
+def _check_against_config(
+    path: str | os.PathLike[str],
+    expected: dict[str, torch.Tensor],
+    skip_prefix: str | None = None,
+) -> None:
     """Names and shapes in the header must be what the config builds, before any read."""
     header, _ = read_header(path)
-    got = {k: tuple(v["shape"]) for k, v in header.items()}
+    got = {k: tuple(v["shape"]) for k, v in header.items()
+           if not (skip_prefix and k.startswith(skip_prefix))}  # fmt: skip
     want = {k: tuple(v.shape) for k, v in expected.items()}
     if got != want:
         missing = sorted(set(want) - set(got))[:3]
@@ -235,11 +242,23 @@ def load_component(
 
     config = build_config(cls.Config, meta["config"], owner=f"{meta['kind']} {meta['name']!r}")
     component = entry.construct(config)
-    _check_against_config(path, component.state_dict())
+    # a denoiser trained with a conditioner that learns (a text encoder) carries its weights
+    joint = meta["kind"] == "denoiser" and bool(
+        (meta["extra"].get("conditioner") or {}).get("weights")
+    )
+    _check_against_config(
+        path, component.state_dict(), skip_prefix=CONDITIONER_PREFIX if joint else None
+    )
     state = load_tensors(path)
+    own = {k: v for k, v in state.items() if not (joint and k.startswith(CONDITIONER_PREFIX))}
     try:
-        component.load_state_dict(state, strict=True)
+        component.load_state_dict(own, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the config: {exc}") from None
     component.checkpoint_extra = meta["extra"]
+    if joint:
+        n = len(CONDITIONER_PREFIX)
+        component.conditioner_state = {
+            k[n:]: v for k, v in state.items() if k.startswith(CONDITIONER_PREFIX)
+        }
     return component.to(device).eval()

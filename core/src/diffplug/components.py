@@ -102,10 +102,19 @@ class Denoiser(_Configurable, nn.Module):
 
 
 class Conditioner(_Configurable, nn.Module):
-    """Turns user inputs (prompts, labels, images) into batched conditioning tensors."""
+    """Turns user inputs (prompts, labels, images) into batched conditioning tensors.
+
+    Hooks, each with a default: ``null`` (guidance's unconditional half and training's
+    dropped conditions), ``from_data`` (conditions of a training batch), ``condition``
+    (conditions at sampling, with per-sample seeds for any randomness), ``sweep`` and
+    ``score`` (sample under several variants and keep each sample's best).
+    """
 
     #: the conditioning kind produced ("class", "text", "image"); None for unconditional.
     kind: ClassVar[str | None] = None
+    #: True when the conditioner has weights trained together with the denoiser (a text
+    #: encoder learned from scratch); they are saved in the model's checkpoint.
+    trainable: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         nn.Module.__init__(self)
@@ -119,17 +128,49 @@ class Conditioner(_Configurable, nn.Module):
         """The 'no condition' embedding (classifier-free guidance's unconditional half)."""
         return self.forward([None] * batch)
 
-    def from_data(self, x0: torch.Tensor, generator: torch.Generator) -> Cond:
-        """The training hook: the condition of a clean batch ``x0`` (N, C, H, W) in [-1, 1].
+    def drop(self, cond: Cond, dropped: torch.Tensor) -> Cond:
+        """Training's condition dropout: samples where ``dropped`` (B,) is True get the null
+        condition, so one model learns both halves that guidance combines."""
+        if cond is None:
+            return None
+        null = self.null(len(dropped))
+        assert null is not None
+        out = {}
+        for key, value in cond.items():
+            mask = dropped.to(value.device).view(-1, *([1] * (value.ndim - 1)))
+            out[key] = torch.where(mask, null[key].to(value.dtype), value)
+        return out
+
+    def condition(self, inputs: Sequence[Any], seeds: Sequence[int]) -> Cond:
+        """Conditions at sampling time for samples seeded ``seeds``. A conditioner that
+        draws noise (augmentation) must draw it from these seeds alone, so a sample does
+        not depend on its batch."""
+        return self.forward(inputs)
+
+    def sweep(self) -> list[Conditioner]:
+        """Variants to sample under; the loop keeps, per sample, the one ``score`` likes
+        best. One variant (itself) by default."""
+        return [self]
+
+    def score(self, samples: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
+        """(B,) badness of samples for their inputs, lower is better (used by ``sweep``)."""
+        return torch.zeros(len(samples), device=samples.device)
+
+    def from_data(
+        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+    ) -> Cond:
+        """The training hook: the condition of a clean batch ``x0`` (N, C, H, W) in [-1, 1]
+        with its integer ``labels`` when the data has them.
 
         The trainer calls it for every batch, so a conditioner that can derive its condition
-        from the images themselves (a low-resolution copy, an edge map) needs no labelled data.
-        Random choices (augmentation, noise levels) must draw from ``generator`` alone: it is
-        the trainer's saved stream, which keeps resumed runs exact.
+        from the images themselves (a low-resolution copy, an edge map) or their labels (a
+        prompt naming the class) needs no captioned data. Random choices (augmentation, noise
+        levels, phrasings) must draw from ``generator`` alone: it is the trainer's saved
+        stream, which keeps resumed runs exact.
         """
         raise UserError(
             f"conditioner {self.name or type(self).__name__} cannot build conditions from "
-            "training images (it has no from_data); train with one that can, such as lowres"
+            "training data (it has no from_data); train with one that can, such as lowres"
         )
 
 

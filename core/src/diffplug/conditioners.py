@@ -61,7 +61,9 @@ class LowResConditioner(Conditioner):
             images.append(resize(image[None], cfg.low_size)[0])
         return {"image": torch.stack(images)}
 
-    def from_data(self, x0: torch.Tensor, generator: torch.Generator) -> Cond:
+    def from_data(
+        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+    ) -> Cond:
         """The clean batch shrunk to ``low_size``: the model learns to undo exactly that."""
         if x0.ndim != 4 or x0.shape[1] != self.config.channels:
             raise UserError(
@@ -99,6 +101,21 @@ def recorded_conditioner(denoiser: Any, registry: Any = None) -> Conditioner | N
     config = build_config(cls.Config, record["config"], owner=f"conditioner {entry.name!r}")
     conditioner = entry.construct(config)
     conditioner.name = entry.name
+    if record.get("weights"):  # trained with the model: its weights are in the model's file
+        state = getattr(denoiser, "conditioner_state", None)
+        if state is None:
+            raise CheckpointError(
+                f"the model's conditioner {record['name']!r} was trained with it, but the "
+                "checkpoint has no conditioner weights"
+            )
+        try:
+            conditioner.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the model's conditioner weights do not fit: {exc}") from None
+    conditioner.eval()
+    param = next(denoiser.parameters(), None)
+    if param is not None:
+        conditioner.to(param.device)
     return conditioner
 
 

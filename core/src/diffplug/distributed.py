@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -88,3 +88,12 @@ def barrier() -> None:
     """Wait for every rank (a no-op in one process)."""
     if world()[1] > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average gradients across ranks, for weights trained outside DDP's wrapper."""
+    size = world()[1]
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= size

@@ -175,24 +175,40 @@ def sample(
     was_training = denoiser.training
     denoiser.eval()
     out = []
-    bar = tqdm(total=n * len(batches), disable=not progress, desc="sampling", unit="step",
-               file=sys.stderr, leave=False)  # fmt: skip
+    variants = conditioner.sweep() if conditioner is not None else [None]
+    bar = tqdm(total=n * len(batches) * len(variants), disable=not progress, desc="sampling",
+               unit="step", file=sys.stderr, leave=False)  # fmt: skip
     try:
         with torch.inference_mode():
             start = 0
             for batch_seeds in batches:
                 size = len(batch_seeds)
-                cond, null = _conditioning(conditioner, conditions, start, size, guided)
-                x = loop.run(batch_seeds, cond, null, bar.update if progress else None)
-                # NaN/Inf from the denoiser propagates into x: one check per batch, no per-step
-                # sync. Only on failure is the batch replayed (same seeds) to find the step.
-                if check_finite and not bool(torch.isfinite(x).all()):
-                    health = torch.zeros((n, size), device=device, dtype=dtype)
-                    loop.run(batch_seeds, cond, null, None, health=health)
-                    _raise_if_nonfinite(health, batch_seeds, plan)
-                if autoencoder is not None:
-                    x = autoencoder.decode(x)
-                out.append(x)
+                inputs = _inputs(conditioner, conditions, start, size)
+                best, best_score = None, None
+                for variant in variants:  # one, unless the conditioner sweeps (best of)
+                    cond, null = _conditioning(variant, inputs, batch_seeds, guided)
+                    x = loop.run(batch_seeds, cond, null, bar.update if progress else None)
+                    # NaN/Inf from the denoiser propagates into x: one check per batch, no
+                    # per-step sync. Only on failure is the batch replayed (same seeds) to
+                    # find the step.
+                    if check_finite and not bool(torch.isfinite(x).all()):
+                        health = torch.zeros((n, size), device=device, dtype=dtype)
+                        loop.run(batch_seeds, cond, null, None, health=health)
+                        _raise_if_nonfinite(health, batch_seeds, plan)
+                    if autoencoder is not None:
+                        x = autoencoder.decode(x)
+                    if len(variants) == 1:
+                        best = x
+                        break
+                    assert conditioner is not None and inputs is not None
+                    score = conditioner.score(x, inputs).to(x.device)
+                    if best is None or best_score is None:
+                        best, best_score = x, score
+                    else:
+                        better = score < best_score  # ties keep the earlier variant
+                        best = torch.where(better.view(-1, 1, 1, 1), x, best)
+                        best_score = torch.minimum(score, best_score)
+                out.append(best)
                 start += size
     finally:
         bar.close()
@@ -282,18 +298,21 @@ class _Loop:
         return x
 
 
-def _conditioning(
-    conditioner: Conditioner | None,
-    conditions: Sequence[Any] | None,
-    start: int,
-    size: int,
-    guided: bool,
-) -> tuple[Cond, Cond]:
+def _inputs(
+    conditioner: Conditioner | None, conditions: Sequence[Any] | None, start: int, size: int
+) -> list[Any] | None:
     if conditioner is None:
+        return None
+    return list(conditions[start : start + size]) if conditions is not None else [None] * size
+
+
+def _conditioning(
+    conditioner: Conditioner | None, inputs: list[Any] | None, seeds: Sequence[int], guided: bool
+) -> tuple[Cond, Cond]:
+    if conditioner is None or inputs is None:
         return None, None
-    inputs = list(conditions[start : start + size]) if conditions is not None else [None] * size
-    cond = conditioner(inputs)
-    return cond, (conditioner.null(size) if guided else None)
+    cond = conditioner.condition(inputs, seeds)
+    return cond, (conditioner.null(len(inputs)) if guided else None)
 
 
 def _cat(a: Cond, b: Cond) -> Cond:

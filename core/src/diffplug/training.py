@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from diffplug import distributed
 from diffplug.atomic import atomic_path, atomic_write
-from diffplug.checkpoint import identify, load_tensors, save_component
+from diffplug.checkpoint import CONDITIONER_PREFIX, identify, load_tensors, save_component
 from diffplug.components import Conditioner, Denoiser
 from diffplug.data import Dataset
 from diffplug.errors import CheckpointError, UserError
@@ -95,13 +95,18 @@ class Trainer:
         self.config = config
         self.device = torch.device(device)
         self.model = denoiser.to(self.device).train()
-        self.ema = [p.detach().clone() for p in self.model.parameters()]
+        self.conditioner = conditioner.to(self.device).train() if conditioner is not None else None
+        # a trainable conditioner (a text encoder learned from scratch) trains with the model
+        self.joint = self.conditioner if conditioner is not None and conditioner.trainable else None
+        self.params = [*self.model.parameters(),
+                       *(self.joint.parameters() if self.joint is not None else ())]  # fmt: skip
+        self.ema = [p.detach().clone() for p in self.params]
         self.method = method
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None else None
         # the fused kernel: one pass over all parameters (5x faster than the default on CPU)
         self.opt = torch.optim.AdamW(
-            self.model.parameters(),
+            self.params,
             lr=config.lr,
             weight_decay=config.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
@@ -121,7 +126,6 @@ class Trainer:
             config.precision == "auto" and self.device.type == "cuda"
         )
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.conditioner = conditioner.to(self.device) if conditioner is not None else None
         self.class_conditional = (
             conditioner is None and denoiser.conditioning == "class" and self.labels is not None
         )
@@ -132,12 +136,17 @@ class Trainer:
         )
         idx = idx.to(self.device)
         x0 = self.images[idx]
+        labels = self.labels[idx] if self.labels is not None else None
         if self.conditioner is not None:
-            return x0, self.conditioner.from_data(x0, self.generator)
+            cond = self.conditioner.from_data(x0, self.generator, labels)
+            if self.config.cond_dropout > 0:
+                drop = torch.rand(len(idx), generator=self.generator) < self.config.cond_dropout
+                cond = self.conditioner.drop(cond, drop.to(self.device))
+            return x0, cond
         if not self.class_conditional:
             return x0, None
-        assert self.labels is not None
-        labels = self.labels[idx].clone()
+        assert labels is not None
+        labels = labels.clone()
         drop = torch.rand(len(idx), generator=self.generator).to(self.device)
         labels[drop < self.config.cond_dropout] = self.model.config.num_classes
         return x0, {"labels": labels}
@@ -151,21 +160,32 @@ class Trainer:
             loss = self.method.loss(self.forward, x0, cond, self.generator)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.joint is not None and self.world > 1:  # outside DDP: average its gradients
+            distributed.average_gradients(self.joint.parameters())
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
         decay = cfg.ema_decay
         if cfg.ema_warmup:
             decay = min(decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - decay)
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
         self.step += 1
         return loss.detach()
 
     # -- checkpoints ---------------------------------------------------------------------
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """The denoiser's state dict, plus a trained conditioner's under ``conditioner.``."""
+        state = dict(self.model.state_dict())
+        if self.joint is not None:
+            state.update({CONDITIONER_PREFIX + k: v for k, v in self.joint.state_dict().items()})
+        return state
+
     def ema_state(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
+        state = self.raw_state()
         names = [n for n, _ in self.model.named_parameters()]
+        if self.joint is not None:
+            names += [CONDITIONER_PREFIX + n for n, _ in self.joint.named_parameters()]
         for name, value in zip(names, self.ema, strict=True):
             state[name] = value
         return state
@@ -188,7 +208,7 @@ class Trainer:
         if self.rank == 0:
             save_component(self.model, out / "model.safetensors", kind="denoiser",
                            tensors=self.ema_state(), extra=extra)  # fmt: skip
-            save_file(_contiguous(self.model.state_dict()), str(tmp_dir / "raw.safetensors"))
+            save_file(_contiguous(self.raw_state()), str(tmp_dir / "raw.safetensors"))
             save_file(_contiguous(dict(enumerate(self.ema))), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
             opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
             save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
@@ -211,7 +231,14 @@ class Trainer:
         state_dir = out / latest.read_text().strip()
         try:
             meta = json.loads((state_dir / "state.json").read_text())
-            self.model.load_state_dict(load_tensors(state_dir / "raw.safetensors"))
+            raw = load_tensors(state_dir / "raw.safetensors")
+            own = {k: v for k, v in raw.items() if not k.startswith(CONDITIONER_PREFIX)}
+            self.model.load_state_dict(own)
+            if self.joint is not None:
+                n = len(CONDITIONER_PREFIX)
+                self.joint.load_state_dict(
+                    {k[n:]: v for k, v in raw.items() if k.startswith(CONDITIONER_PREFIX)}
+                )
             ema = load_tensors(state_dir / "ema.safetensors")
             for i, p in enumerate(self.ema):
                 p.copy_(ema[str(i)])
@@ -254,7 +281,13 @@ def check_conditioner(denoiser: Denoiser, conditioner: Conditioner | None) -> No
 def conditioner_record(conditioner: Conditioner) -> dict[str, Any]:
     """What a checkpoint keeps of its conditioner so that sampling can rebuild it."""
     plugin, name = identify(conditioner, "conditioner")
-    return {"plugin": plugin, "name": name, "config": dataclasses.asdict(conditioner.config)}
+    return {
+        "plugin": plugin,
+        "name": name,
+        "config": dataclasses.asdict(conditioner.config),
+        # its weights are in the model's file, under CONDITIONER_PREFIX
+        "weights": conditioner.trainable,
+    }
 
 
 class _Forward:

@@ -9,15 +9,14 @@ model trains on two CPU cores in minutes. Optional class conditioning adds a lab
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from diffplug.components import Cond, Denoiser, DenoiserConfig
+from diffplug.layers import Attention, ResBlock, group_norm, timestep_embedding, zero_init
 from diffplug.options import option
 
 
@@ -37,63 +36,6 @@ class UNetConfig(DenoiserConfig):
     num_classes: int = option(
         0, "class-conditional with this many classes (0: unconditional)", min=0
     )
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=1)
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    groups = next(
-        g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and channels // g >= 4 or g == 1
-    )
-    return nn.GroupNorm(groups, channels)
-
-
-def _zero(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = _norm(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(temb, 2 * cout)
-        self.norm2 = _norm(cout)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.drop(F.silu(h)))
-        return self.skip(x) + h
-
-
-class Attention(nn.Module):
-    def __init__(self, channels: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = _norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = _zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        q, k, v = rearrange(
-            self.qkv(self.norm(x)), "b (three n d) h w -> three b n (h w) d", three=3, n=self.heads
-        )
-        o = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(rearrange(o, "b n (h w) d -> b (n d) h w", h=h, w=w))
 
 
 class UNet(Denoiser):
@@ -151,8 +93,8 @@ class UNet(Denoiser):
                     )
                 )
                 res *= 2
-        self.norm_out = _norm(ch)
-        self.conv_out = _zero(nn.Conv2d(ch, cfg.channels, 3, padding=1))
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         emb = self.time(timestep_embedding(t * self.t_scale, self.config.width))
