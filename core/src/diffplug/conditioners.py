@@ -1,4 +1,9 @@
-"""Core's conditioners beyond ``none``: a low-resolution image, for super-resolution."""
+"""Core's conditioners beyond ``none``: a low-resolution image, for super-resolution.
+
+The image-conditioning contract every plugin shares: ``cond["image"]`` (B, C, h, w) in
+[-1, 1], and optionally ``cond["aug_level"]`` (B,) in [0, 1], how strongly the image was
+corrupted by noise-conditioning augmentation (absent: 0, a clean image).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from diffplug.components import Cond, Conditioner
 from diffplug.data import resize
 from diffplug.errors import UserError
 from diffplug.options import option
+
+AUG_LEVEL = "aug_level"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,35 @@ from diffplug.errors import UserError
 
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    epilog="Any other --OPTION is passed to the sampler; `diffplug info SAMPLER` lists them.",
+    epilog="Any other --OPTION goes to the sampler or the model's conditioner (with --pipeline: "
+    "to the pipeline); `diffplug info NAME` lists each one's options.",
 )
-@click.option("--sampler", required=True, help="sampler name (`diffplug list samplers`)")
+@click.option("--sampler", help="sampler name (`diffplug list samplers`); not with --pipeline")
 @click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
+@click.option("--pipeline", help="a whole recipe instead (`diffplug list pipelines`), e.g. imagen")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="text prompt; repeat for one per sample (cycled), or give one for all",
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance weight w: uncond + w*(cond - uncond) (default: the model's "
+    "recommendation, else 1 = none)",
+)
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="default: the sampler's (50; adm 10)"
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="sample k uses seed+k")
-@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="default 64, or one per --prompt when several are given",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
 @click.option(
@@ -48,6 +69,7 @@ from diffplug.errors import UserError
     help="for a conditional model: a folder of images or a samples .safetensors, one per sample "
     "(cycled)",
 )
+@click.option("--save-stages", is_flag=True, help="with --pipeline: also write each stage's images")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
@@ -56,11 +78,71 @@ def run(ctx: click.Context, **kw: Any) -> None:
     from diffplug.resolve import parse_extra_options
 
     output = check_output_path(kw.pop("output"), kw["overwrite"])
-    sampler_options = parse_extra_options(list(ctx.args))
-    _run(output=output, sampler_options=sampler_options, **kw)
+    extra = parse_extra_options(list(ctx.args))
+    prompts = list(kw.pop("prompts"))
+    if kw["guidance"] is not None and not math.isfinite(kw["guidance"]):
+        raise UserError("--guidance must be a finite number")
+    if kw["num_samples"] is None:
+        kw["num_samples"] = len(prompts) if len(prompts) > 1 else 64
+    if kw["pipeline"] is not None:
+        if kw["sampler"] or kw["model"] or kw["condition_images"]:
+            raise UserError(
+                "--pipeline runs its own stages: --sampler, --model and --condition-images "
+                "are its options (`diffplug info PIPELINE`)"
+            )
+        _run_pipeline(output=output, options=extra, prompts=prompts, **kw)
+        return
+    if kw["save_stages"]:
+        raise UserError("--save-stages needs --pipeline")
+    if not kw["sampler"]:
+        raise UserError("missing --sampler (or --pipeline); `diffplug list samplers` names them")
+    _run(output=output, extra_options=extra, prompts=prompts, **kw)
 
 
-def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
+def _run_pipeline(output: Path, options: dict[str, str], prompts: list[str], **kw: Any) -> None:
+    import torch
+
+    from diffplug import __version__
+    from diffplug.output import write_samples
+    from diffplug.registry import default_registry
+
+    registry = default_registry()
+    entry = registry.get("pipeline", kw["pipeline"])
+    cls = entry.load()
+    from diffplug.options import build_config
+
+    pipeline = entry.construct(build_config(cls.Config, options, owner=f"pipeline {entry.name!r}"))
+    pipeline.name = entry.name
+    seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
+    cycled = [prompts[k % len(prompts)] for k in range(len(seeds))] if prompts else None
+    stages = pipeline.run(
+        prompts=cycled,
+        seeds=seeds,
+        batch_size=kw["batch_size"],
+        device=_device(kw["device"]),
+        progress=not kw["quiet"],
+    )
+    base = {
+        "pipeline": entry.name,
+        "prompts": cycled,
+        "seeds": seeds,
+        "versions": {"diffplug": __version__, "torch": torch.__version__}
+        | {p.name: p.version for p in registry.plugins.values()},
+    }
+    if kw["save_stages"]:
+        for k, stage in enumerate(stages[:-1]):
+            path = output.with_name(f"{output.stem}.stage{k}{output.suffix}")
+            if path.exists() and not kw["overwrite"]:
+                raise UserError(f"{path} exists; pass --overwrite to replace it")
+            write_samples(stage.images, path, {**base, "stage": k, **stage.recipe})
+            print(f"diffplug: wrote stage {k} ({stage.name}) to {path}", file=sys.stderr)
+    final = stages[-1]
+    recipe = {**base, "stages": [s.recipe for s in stages]}
+    write_samples(final.images, output, recipe)
+    print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
+
+
+def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: Any) -> None:
     import torch
 
     from diffplug import __version__, distributed
@@ -71,13 +153,27 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
     from diffplug.transforms import DynamicConfig, DynamicThreshold, StaticThreshold
 
     registry = default_registry()
+    sampler_cls = registry.load("scheduler", kw["sampler"])
+    sampler_options, conditioner_options = _split_options(sampler_cls, extra_options)
     scheduler = build_scheduler(registry, kw["sampler"], sampler_options)
     if kw["steps"] is None:
         kw["steps"] = scheduler.default_steps
     device = distributed.local_device(_device(kw["device"]))
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
-    conditioner, conditions = _conditions(registry, denoiser, label, kw)
+    conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts)
+    if conditioner_options:
+        if conditioner is None:
+            sampler_options.update(conditioner_options)  # let the sampler name the bad option
+            build_scheduler(registry, kw["sampler"], sampler_options)
+        from diffplug.pipeline import configure
+
+        conditioner = configure(conditioner, conditioner_options)
+    guidance = kw["guidance"]
+    if guidance is None:
+        guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
+    if guidance != 1.0 and conditioner is None:
+        raise UserError(f"--guidance: model {label} is unconditional; there is nothing to guide")
     transforms = []
     if kw["threshold"] == "static":
         transforms.append(StaticThreshold())
@@ -100,6 +196,7 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
                 batch_size=kw["batch_size"],
                 conditioner=conditioner.to(device) if conditioner is not None else None,
                 conditions=[conditions[s - kw["seed"]] for s in mine] if conditions else None,
+                guidance=guidance,
                 transforms=transforms,
                 progress=not kw["quiet"] and rank == 0,
                 device=device,
@@ -119,6 +216,7 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
         "timesteps": plan_info.get("timesteps"),
         "seeds": seeds,
         "threshold": kw["threshold"],
+        "guidance": guidance,
         **(
             {"bridged": {"from": denoiser.process.spec(), "to": process.spec()}}
             if process is not denoiser.process
@@ -129,6 +227,7 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
             {
                 "conditioner": {"name": conditioner.name, **dataclasses.asdict(conditioner.config)},
                 "condition_images": kw["condition_images"],
+                "prompts": [conditions[k] for k in range(len(seeds))] if prompts else None,
             }
             if conditioner is not None
             else {}
@@ -140,11 +239,36 @@ def _run(output: Path, sampler_options: dict[str, str], **kw: Any) -> None:
     print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
 
 
-def _conditions(registry: Any, denoiser: Any, label: str, kw: dict[str, Any]) -> tuple[Any, Any]:
-    """The model's recorded conditioner and one input per sample from --condition-images."""
+def _split_options(
+    sampler_cls: Any, options: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Extra options the sampler owns, and the rest (for the model's conditioner)."""
+    from diffplug.options import describe
+
+    owned = {o.name for o in describe(sampler_cls.Config)}
+    mine = {k: v for k, v in options.items() if k in owned}
+    return mine, {k: v for k, v in options.items() if k not in owned}
+
+
+def _conditions(
+    registry: Any, denoiser: Any, label: str, kw: dict[str, Any], prompts: list[str]
+) -> tuple[Any, Any]:
+    """The model's recorded conditioner and one input per sample (prompts or images)."""
     from diffplug.conditioners import load_condition_images, recorded_conditioner
 
     conditioner = recorded_conditioner(denoiser, registry)
+    kind = getattr(conditioner, "kind", None)
+    if prompts and kind != "text":
+        raise UserError(f"--prompt: model {label} is not text-conditional")
+    if kind == "text":
+        if kw["condition_images"] is not None:
+            raise UserError(f"--condition-images: model {label} is text-conditional")
+        if not prompts:
+            raise UserError(
+                f"model {label} is text-conditional: pass --prompt TEXT (repeat it for one per "
+                'sample; --prompt "" samples unconditionally)'
+            )
+        return conditioner, [prompts[k % len(prompts)] for k in range(kw["num_samples"])]
     path = kw["condition_images"]
     if conditioner is None or conditioner.kind != "image":
         if path is not None:

@@ -1,0 +1,1 @@
+"""Noise-conditioning augmentation for super-resolution stages (Ho et al., Cascaded Diffusion)."""
