@@ -52,7 +52,7 @@ class TrainConfig:
     )
     ema_warmup: bool = option(True, "ramp the EMA decay as min(decay, (1+n)/(10+n))")
     cond_dropout: float = option(
-        0.1, "probability of dropping a label (guidance)", min=0.0, max=1.0
+        0.1, "probability of replacing a condition by the null one (guidance)", min=0.0, max=1.0
     )
     precision: str = option(
         "auto", "bf16 autocast on CUDA with auto", choices=("auto", "fp32", "bf16")

@@ -87,3 +87,11 @@ class T5Conditioner(Conditioner):
         text = text * mask[..., None]
         pooled = text.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return {"text": text, "text_mask": mask, "text_pooled": pooled}
+
+    def from_data(
+        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+    ) -> Cond:
+        """Digit labels phrased as the text conditioner phrases them, then encoded."""
+        from diffplug_imagen.text import digit_prompts
+
+        return self.forward(digit_prompts(labels, generator, "t5"))

@@ -104,14 +104,18 @@ class TextConditioner(Conditioner):
     ) -> Cond:
         """Each image's label in a phrasing drawn from ``generator`` ("7", "a handwritten
         seven", ...)."""
-        if labels is None:
-            raise UserError(
-                "text conditioner: training needs labelled data to make prompts from "
-                "(--data digits); a folder of images has no labels"
-            )
-        if int(labels.min()) < 0 or int(labels.max()) > 9:
-            raise UserError("text conditioner: --prompts digits needs labels 0..9")
-        phrasing = torch.randint(len(DIGIT_PHRASINGS), (len(labels),), generator=generator)
-        pairs = zip(labels.tolist(), phrasing.tolist(), strict=True)
-        prompts = [digit_prompt(int(y), int(p)) for y, p in pairs]
-        return self.forward(prompts)
+        return self.forward(digit_prompts(labels, generator, "text"))
+
+
+def digit_prompts(labels: torch.Tensor | None, generator: torch.Generator, owner: str) -> list[str]:
+    """Training prompts for digit labels, one phrasing per image drawn from ``generator``."""
+    if labels is None:
+        raise UserError(
+            f"{owner} conditioner: training needs labelled data to make prompts from "
+            "(--data digits); a folder of images has no labels"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) > 9:
+        raise UserError(f"{owner} conditioner: digit prompts need labels 0..9")
+    phrasing = torch.randint(len(DIGIT_PHRASINGS), (len(labels),), generator=generator)
+    pairs = zip(labels.tolist(), phrasing.tolist(), strict=True)
+    return [digit_prompt(int(y), int(p)) for y, p in pairs]

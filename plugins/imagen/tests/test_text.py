@@ -1,0 +1,141 @@
+"""The self-contained text conditioner: tokens, masking, the null prompt, training with the
+model (its weights live in the model's checkpoint), and condition dropout."""
+
+import pytest
+import torch
+
+from diffplug.checkpoint import load_component, read_metadata
+from diffplug.conditioners import recorded_conditioner
+from diffplug.data import digits
+from diffplug.errors import UserError
+from diffplug.training import TrainConfig, Trainer, train
+from diffplug_ddpm.method import DDPMMethod
+from diffplug_imagen.text import (
+    DIGIT_PHRASINGS,
+    PAD,
+    SUMMARY,
+    TextConditioner,
+    TextConfig,
+    digit_prompt,
+)
+from diffplug_imagen.unet import EfficientUNet, EfficientUNetConfig
+
+
+def text_model(**kw):
+    return EfficientUNet(EfficientUNetConfig(**{"size": 8, "width": 16, "text_dim": 32, **kw}))
+
+
+def text_conditioner(**kw):
+    torch.manual_seed(0)
+    cond = TextConditioner(TextConfig(**{"dim": 32, "max_tokens": 12, **kw}))
+    cond.name = "text"
+    return cond
+
+
+def test_tokens_are_normalised_bytes_after_a_summary_token_and_cut_to_length():
+    cond = text_conditioner()
+    ids = cond.tokenize(["A  Handwritten\tSeven", "", None, "x" * 40])
+    assert ids.shape == (4, 13)
+    assert (ids[:, 0] == SUMMARY).all()
+    expected = [b + 1 for b in b"a handwritten"[:12]]
+    assert ids[0, 1:].tolist() == expected
+    assert (ids[1, 1:] == PAD).all() and (ids[2, 1:] == PAD).all()
+    assert (ids[3, 1:] == ord("x") + 1).all()  # cut to max_tokens, not refused
+    with pytest.raises(UserError, match="prompt 0 must be a string"):
+        cond.tokenize([7])
+
+
+def test_padding_is_masked_and_a_prompt_does_not_depend_on_its_batch():
+    cond = text_conditioner().eval()
+    out = cond(["seven", "a handwritten three"])
+    assert out["text_mask"][0].tolist() == [True] * 6 + [False] * 7
+    alone = cond(["seven"])
+    torch.testing.assert_close(alone["text"][0, :6], out["text"][0, :6], rtol=0, atol=1e-6)
+    torch.testing.assert_close(alone["text_pooled"][0], out["text_pooled"][0], rtol=0, atol=1e-6)
+    with torch.no_grad():  # what the padding embeds as must not matter
+        cond.tokens.weight[PAD] += 5.0
+    moved = cond(["seven"])
+    torch.testing.assert_close(moved["text_pooled"], alone["text_pooled"], rtol=0, atol=1e-5)
+
+
+def test_empty_and_missing_prompts_are_the_null_condition():
+    cond = text_conditioner().eval()
+    null = cond.null(2)
+    for prompt in ("", None, "   "):
+        got = cond([prompt, prompt])
+        torch.testing.assert_close(got["text_pooled"], null["text_pooled"], rtol=0, atol=0)
+        assert got["text_mask"][:, 1:].sum() == 0
+    assert not torch.allclose(cond(["seven"])["text_pooled"], null["text_pooled"][:1])
+
+
+def test_from_data_phrases_labels_with_the_generator_and_needs_labels():
+    cond = text_conditioner().eval()
+    labels = torch.tensor([7, 3, 0, 9])
+    a = cond.from_data(torch.zeros(4, 1, 8, 8), torch.Generator().manual_seed(1), labels)
+    b = cond.from_data(torch.zeros(4, 1, 8, 8), torch.Generator().manual_seed(1), labels)
+    assert torch.equal(a["text"], b["text"])
+    phrasing = torch.randint(len(DIGIT_PHRASINGS), (4,), generator=torch.Generator().manual_seed(1))
+    prompts = [digit_prompt(y, p) for y, p in zip(labels.tolist(), phrasing.tolist())]
+    torch.testing.assert_close(a["text"], cond(prompts)["text"], rtol=0, atol=0)
+    assert digit_prompt(7, 2) == "a handwritten seven" and digit_prompt(7, 3) == "the digit 7"
+    with pytest.raises(UserError, match="needs labelled data"):
+        cond.from_data(torch.zeros(1, 1, 8, 8), torch.Generator(), None)
+    with pytest.raises(UserError, match="labels 0..9"):
+        cond.from_data(torch.zeros(1, 1, 8, 8), torch.Generator(), torch.tensor([12]))
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_condition_dropout_swaps_in_the_null_condition(p):
+    cond = text_conditioner()
+    trainer = Trainer(text_model(), DDPMMethod(), digits("train", 8),
+                      TrainConfig(batch_size=6, cond_dropout=p), conditioner=cond)  # fmt: skip
+    _, got = trainer.batch()
+    null = cond.null(6)
+    dropped = torch.isclose(got["text_pooled"], null["text_pooled"]).all(1)
+    assert dropped.all() if p == 1.0 else not dropped.any()
+
+
+def test_a_trained_conditioner_saves_into_the_model_file_and_reloads_exactly(tmp_path):
+    cond = text_conditioner()
+    before = {k: v.clone() for k, v in cond.state_dict().items()}
+    torch.manual_seed(0)
+    model = text_model()
+    train(model, DDPMMethod(), digits("train", 8), TrainConfig(batch_size=8, steps=3,
+          warmup=1), tmp_path, progress=False, conditioner=cond)  # fmt: skip
+    assert any(not torch.equal(before[k], v) for k, v in cond.state_dict().items())  # it learned
+    path = tmp_path / "model.safetensors"
+    record = read_metadata(path)["extra"]["conditioner"]
+    assert record["weights"] is True and record["name"] == "text"
+    loaded = load_component(path, kind="denoiser")
+    again = recorded_conditioner(loaded)
+    assert isinstance(again, TextConditioner) and not again.training
+    # the file holds the EMA weights of both parts
+    ema = {
+        k[len("conditioner.") :]: v for k, v in _file(path).items() if k.startswith("conditioner.")
+    }
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, ema[k])
+
+
+def test_resume_with_a_trained_conditioner_is_exact(tmp_path):
+    def run(out, stop=None, resume=False):
+        torch.manual_seed(0)
+        cond, model = text_conditioner(), text_model()
+        train(model, DDPMMethod(), digits("train", 8), TrainConfig(batch_size=8, steps=4,
+              warmup=1), out, progress=False, conditioner=cond, stop_after=stop,
+              resume=resume)  # fmt: skip
+        return cond, model
+
+    cond_a, model_a = run(tmp_path / "a")
+    run(tmp_path / "b", stop=2)
+    cond_b, model_b = run(tmp_path / "b", resume=True)
+    for x, y in zip(cond_a.state_dict().values(), cond_b.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def _file(path):
+    from diffplug.checkpoint import load_tensors
+
+    return load_tensors(path)
