@@ -88,7 +88,8 @@ def build_config(config_cls: type, values: Mapping[str, Any], *, owner: str) -> 
     unknown = [k for k in values if k not in infos]
     if unknown:
         have = ", ".join(f"--{n.replace('_', '-')}" for n in infos) or "none"
-        raise OptionError(f"{owner} has no option {', '.join(unknown)}; its options: {have}")
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in unknown)
+        raise OptionError(f"{owner} has no option {names}; its options: {have}")
     kwargs = {k: coerce(infos[k], v, owner=owner) for k, v in values.items()}
     config = config_cls(**kwargs)
     for info in infos.values():

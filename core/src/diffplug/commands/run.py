@@ -52,16 +52,14 @@ from diffplug.errors import UserError
 @click.option(
     "--threshold",
     type=click.Choice(["none", "static", "dynamic"]),
-    default="none",
-    show_default=True,
-    help="x0_hat thresholding at every step",
+    default=None,
+    help="x0_hat thresholding at every step  [default: none; a pipeline's own]",
 )
 @click.option(
     "--threshold-percentile",
     type=click.FloatRange(0, 1, min_open=True),
-    default=0.995,
-    show_default=True,
-    help="p for dynamic thresholding",
+    default=None,
+    help="p for dynamic thresholding  [default: 0.995]",
 )
 @click.option(
     "--condition-images",
@@ -90,8 +88,16 @@ def run(ctx: click.Context, **kw: Any) -> None:
                 "--pipeline runs its own stages: --sampler, --model and --condition-images "
                 "are its options (`diffplug info PIPELINE`)"
             )
+        # the loop's own options, given, set the pipeline's (base stage) ones
+        shared = {"guidance": "guidance", "threshold": "threshold",
+                  "threshold_percentile": "percentile", "steps": "base_steps"}  # fmt: skip
+        for flag, key in shared.items():
+            if kw[flag] is not None:
+                extra[key] = str(kw[flag])
         _run_pipeline(output=output, options=extra, prompts=prompts, **kw)
         return
+    kw["threshold"] = kw["threshold"] or "none"
+    kw["threshold_percentile"] = kw["threshold_percentile"] or 0.995
     if kw["save_stages"]:
         raise UserError("--save-stages needs --pipeline")
     if not kw["sampler"]:
