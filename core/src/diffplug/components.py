@@ -199,6 +199,8 @@ class Autoencoder(_Configurable, nn.Module):
 class IdentityAutoencoder(Autoencoder):
     """Pixel space: the denoiser works on images directly."""
 
+    is_identity: ClassVar[bool] = True
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 

@@ -1,5 +1,8 @@
 """Training methods: which process a denoiser learns and the loss it learns it with.
 
+A method may train another component kind instead (``trains``): the ``vae`` method trains an
+autoencoder, with no process, through the same loop.
+
 The loss of every Gaussian process is the same regression: draw t and eps, form
 x_t = alpha(t)*x0 + sigma(t)*eps, and regress the denoiser's output onto the target its
 prediction kind names (``diffplug.prediction.targets``). A method plugin chooses the process,
@@ -22,7 +25,11 @@ class Method(ABC):
     """A training objective for ``diffplug train --method``."""
 
     Config: ClassVar[type] = NoOptions
-    #: the registered denoiser a fresh model uses unless ``--denoiser`` says otherwise.
+    #: the component kind this method trains ("denoiser", or "autoencoder"): ``diffplug
+    #: train`` builds the model from that registry kind and the checkpoint records it.
+    trains: ClassVar[str] = "denoiser"
+    #: the registered model (of kind ``trains``) a fresh run uses unless ``--denoiser`` says
+    #: otherwise.
     default_denoiser: ClassVar[str] = "unet"
 
     def __init__(self, config: Any = None) -> None:

@@ -92,6 +92,9 @@ def run_stage(
     scheduler = build_scheduler(registry, spec.sampler, spec.sampler_options)
     denoiser, label = load_model(registry, spec.model, device=str(device))
     conditioner = recorded_conditioner(denoiser, registry)
+    from diffplug.latent import recorded_autoencoder
+
+    autoencoder = recorded_autoencoder(denoiser, registry)
     if conditioner is not None and spec.conditioner_options:
         conditioner = configure(conditioner, spec.conditioner_options, strict=False)
     if conditioner is None and conditions is not None and any(c is not None for c in conditions):
@@ -116,6 +119,7 @@ def run_stage(
         transforms=transforms,
         progress=progress,
         device=device,
+        autoencoder=autoencoder,
     )
     recipe = {
         "model": label,

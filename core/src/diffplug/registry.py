@@ -72,7 +72,8 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("pretrained", "ddpm-digits"): "diffplug-ddpm",
     ("pretrained", "adm-digits"): "diffplug-adm",
     ("pipeline", "imagen"): "diffplug-imagen",
-    ("autoencoder", "kl"): "diffplug-vae",
+    ("autoencoder", "kl-vae"): "diffplug-vae",
+    ("method", "vae"): "diffplug-vae",
 }
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")

@@ -106,8 +106,13 @@ def check_compatible(
     conditioner: Conditioner | None = None,
     autoencoder: Autoencoder | None = None,
 ) -> None:
-    """Refuse, before the first step, components that cannot run together."""
+    """Refuse, before the first step, components that cannot run together: the sampler must
+    plan on the model's process (or bridge to it), the conditioner give the conditioning kind
+    the model takes, and the space (pixels, or one autoencoder's latents) be the model's."""
+    from diffplug.latent import check_autoencoder
+
     planning_process(scheduler, denoiser.process)  # the sampler's process, or a bridge to it
+    check_autoencoder(denoiser, autoencoder)
     wanted = denoiser.conditioning
     given = getattr(conditioner, "kind", None)
     if wanted != given and not (wanted is None and given is None):

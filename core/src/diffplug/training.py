@@ -3,13 +3,18 @@ atomic checkpoints and exact resume.
 
 Layout of an output directory::
 
-    model.safetensors          the EMA denoiser: `diffplug run --model DIR/model.safetensors`
+    model.safetensors          the EMA model: `diffplug run --model DIR/model.safetensors`
     state-<step>/              raw weights, optimizer, RNG (safetensors) and state.json
     latest                     the name of the newest complete state directory
 
 A state directory is complete before ``latest`` (written atomically) names it, so a crash
 at any moment leaves a resumable run. Every random draw comes from one generator whose state
 is saved, so N steps in one run equal N/2 steps, a resume, and N/2 more.
+
+The model is a denoiser unless the method trains another kind (``Method.trains``, e.g. an
+autoencoder): the loop is the same, model.safetensors records that kind (an autoencoder's is
+loaded with ``load_component(path, kind="autoencoder")``, not ``run --model``), and
+conditioners and class labels are denoiser-only.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 from diffplug import distributed
 from diffplug.atomic import atomic_path, atomic_write
 from diffplug.checkpoint import CONDITIONER_PREFIX, identify, load_tensors, save_component
-from diffplug.components import Conditioner, Denoiser
+from diffplug.components import Autoencoder, Conditioner, Denoiser
 from diffplug.data import Dataset
 from diffplug.errors import CheckpointError, UserError
 from diffplug.method import Method
@@ -84,14 +89,19 @@ class Trainer:
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        denoiser: Denoiser | Autoencoder,
         method: Method,
         data: Dataset,
         config: TrainConfig,
         device: torch.device | str = "cpu",
         conditioner: Conditioner | None = None,
     ) -> None:
-        check_conditioner(denoiser, conditioner)
+        #: the component kind trained, recorded in model.safetensors
+        self.kind = method.trains
+        if self.kind == "denoiser":
+            check_conditioner(denoiser, conditioner)  # type: ignore[arg-type]
+        elif conditioner is not None:
+            raise UserError(f"only denoisers train with a conditioner, not the {self.kind}")
         self.config = config
         self.device = torch.device(device)
         self.model = denoiser.to(self.device).train()
@@ -127,7 +137,10 @@ class Trainer:
         )
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.class_conditional = (
-            conditioner is None and denoiser.conditioning == "class" and self.labels is not None
+            conditioner is None
+            and self.kind == "denoiser"
+            and denoiser.conditioning == "class"  # type: ignore[union-attr]
+            and self.labels is not None
         )
 
     def batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -157,7 +170,7 @@ class Trainer:
             group["lr"] = lr_at(cfg, self.step)
         x0, cond = self.batch()
         with self.autocast:
-            loss = self.method.loss(self.forward, x0, cond, self.generator)
+            loss = self.method.loss(self.forward, x0, cond, self.generator)  # type: ignore[arg-type]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.joint is not None and self.world > 1:  # outside DDP: average its gradients
@@ -206,7 +219,7 @@ class Trainer:
         save_file(rng, str(tmp_dir / f"rng-{self.rank}.safetensors"))
         distributed.barrier()
         if self.rank == 0:
-            save_component(self.model, out / "model.safetensors", kind="denoiser",
+            save_component(self.model, out / "model.safetensors", kind=self.kind,
                            tensors=self.ema_state(), extra=extra)  # fmt: skip
             save_file(_contiguous(self.raw_state()), str(tmp_dir / "raw.safetensors"))
             save_file(_contiguous(dict(enumerate(self.ema))), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
@@ -293,7 +306,7 @@ def conditioner_record(conditioner: Conditioner) -> dict[str, Any]:
 class _Forward:
     """The model's attributes, but calls go through DistributedDataParallel."""
 
-    def __init__(self, module: Denoiser, ddp: torch.nn.Module) -> None:
+    def __init__(self, module: Denoiser | Autoencoder, ddp: torch.nn.Module) -> None:
         self.module, self.ddp = module, ddp
 
     def __getattr__(self, name: str) -> Any:
@@ -328,7 +341,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def train(
-    denoiser: Denoiser,
+    denoiser: Denoiser | Autoencoder,
     method: Method,
     data: Dataset,
     config: TrainConfig,
@@ -343,6 +356,8 @@ def train(
     conditioner: Conditioner | None = None,
 ) -> TrainResult:
     """Train to ``config.steps`` steps, checkpointing into ``out``; resumes with ``resume``.
+
+    ``denoiser`` is the model trained: a denoiser, or the kind ``method.trains`` names.
 
     ``stop_after`` pauses at that step (with a checkpoint) without changing the learning-rate
     schedule, which spans ``config.steps``: a later ``resume`` continues exactly.

@@ -168,6 +168,9 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
     conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts)
+    from diffplug.latent import recorded_autoencoder
+
+    autoencoder = recorded_autoencoder(denoiser, registry)  # latent models decode through it
     if conditioner_options:
         if conditioner is None:
             sampler_options.update(conditioner_options)  # let the sampler name the bad option
@@ -203,12 +206,13 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
                 conditioner=conditioner.to(device) if conditioner is not None else None,
                 conditions=[conditions[s - kw["seed"]] for s in mine] if conditions else None,
                 guidance=guidance,
+                autoencoder=autoencoder,
                 transforms=transforms,
                 progress=not kw["quiet"] and rank == 0,
                 device=device,
             )
             if mine
-            else torch.zeros((0, *denoiser.sample_shape), device=device)
+            else torch.zeros((0, *_image_shape(denoiser, autoencoder)), device=device)
         )
         samples = distributed.gather(local, len(seeds), kw["batch_size"], rank, size)
     if samples is None:  # not rank 0: rank 0 writes
@@ -230,6 +234,11 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
         ),
         "device": str(device),
         **(
+            {"autoencoder": denoiser.checkpoint_extra["autoencoder"]["source"]}
+            if autoencoder is not None
+            else {}
+        ),
+        **(
             {
                 "conditioner": {"name": conditioner.name, **dataclasses.asdict(conditioner.config)},
                 "condition_images": kw["condition_images"],
@@ -243,6 +252,11 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
     }
     write_samples(samples, output, recipe)
     print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
+
+
+def _image_shape(denoiser: Any, autoencoder: Any) -> tuple[int, ...]:
+    shape = denoiser.sample_shape
+    return tuple(autoencoder.image_shape(shape)) if autoencoder is not None else shape
 
 
 def _split_options(

@@ -1,4 +1,8 @@
-"""``diffplug train``: train a denoiser with a method's loss on the digits or a folder."""
+"""``diffplug train``: train a denoiser with a method's loss on the digits or a folder.
+
+A method that trains another kind (``Method.trains``, e.g. ``autoencoder``) gets its model
+from that registry kind; ``--denoiser`` then names that model.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,11 @@ from diffplug.errors import OptionError, UserError
 @click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
 @click.option("--size", type=click.IntRange(min=4), default=8, show_default=True, help="pixels")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True)
-@click.option("--denoiser", default=None, help="denoiser name (default: the method's)")
+@click.option(
+    "--denoiser",
+    default=None,
+    help="denoiser name (default: the method's); an autoencoder's for an autoencoder method",
+)
 @click.option(
     "--conditioner",
     default=None,
@@ -42,7 +50,8 @@ from diffplug.errors import OptionError, UserError
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
 def train(ctx: click.Context, **kw: Any) -> None:
-    """Train a denoiser; the EMA weights land in OUT/model.safetensors."""
+    """Train a denoiser (or an autoencoder, by its method); the EMA weights land in
+    OUT/model.safetensors."""
     from diffplug.resolve import parse_extra_options
 
     extras = parse_extra_options(list(ctx.args))
@@ -69,12 +78,18 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
 
     registry = default_registry()
     method_cls = registry.load("method", kw["method"])
+    kind = method_cls.trains  # "denoiser", or another component kind (an autoencoder)
     denoiser_name = kw["denoiser"] or method_cls.default_denoiser
-    denoiser_cls = registry.load("denoiser", denoiser_name)
+    denoiser_cls = registry.load(kind, denoiser_name)
 
     def owned(cls: type) -> set[str]:
         return {o.name for o in describe(cls)}
 
+    if kw["conditioner"] and kind != "denoiser":
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(
+            f"--conditioner is for denoisers; method {kw['method']} trains {article} {kind}"
+        )
     conditioner_entry = (
         registry.get("conditioner", kw["conditioner"]) if kw["conditioner"] else None
     )
@@ -96,9 +111,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         owner = next((name for name, keys in owners if key in keys), None)
         if owner is None:
             every = sorted(set().union(*(keys for _, keys in owners)))
-            kinds = "method, denoiser" + (
-                ", conditioner or loop" if conditioner_cls else " or loop"
-            )
+            kinds = f"method, {kind}" + (", conditioner or loop" if conditioner_cls else " or loop")
             raise OptionError(
                 f"no {kinds} option --{key.replace('_', '-')}; options: "
                 + ", ".join("--" + k.replace("_", "-") for k in every)
@@ -111,9 +124,10 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         owner="train",
     )
     data = load_data(kw["data"], kw["size"], "train", int(kw["channels"]))
+    # the data's shape goes to a model that has these options (every denoiser does)
+    shape = {"channels": int(kw["channels"]), "size": kw["size"]}
     denoiser_options = {
-        "channels": int(kw["channels"]),
-        "size": kw["size"],
+        **{k: v for k, v in shape.items() if k in owned(denoiser_cls.Config)},
         **method.denoiser_defaults(),
         **groups["denoiser"],
     }
@@ -134,7 +148,8 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
             )
         )
         conditioner.name = conditioner_entry.name
-    check_conditioner(denoiser, conditioner)  # before --overwrite deletes anything
+    if kind == "denoiser":
+        check_conditioner(denoiser, conditioner)  # before --overwrite deletes anything
     if kw["overwrite"] and out.exists() and os.environ.get("RANK", "0") == "0":
         import shutil
 

@@ -1,0 +1,97 @@
+"""The interoperability matrix: every installed sampler on every installed pretrained model.
+
+A cell either samples (conditioned the way the model was trained: prompts naming each digit
+for a text model, real held-out digits shrunk for a super-resolution model, nothing for an
+unconditional one; decoded when the model lives in an autoencoder's latents) and is scored by
+the digits evaluator, or is refused by the compatibility check before any step, with the
+reason. ``tests/test_matrix.py`` asserts each cell; ``benchmarks/matrix.py`` prints the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffplug.errors import IncompatibleError
+
+
+@dataclass
+class Cell:
+    sampler: str
+    model: str
+    conditioning: str  # "none", "text" or "image"
+    space: str  # "pixel" or "latent"
+    refused: str | None = None
+    digits_fd: float | None = None
+    floor: float | None = None
+    accuracy: float | None = None  # share classified as the prompt's digit (text models)
+
+    @property
+    def fd_ratio(self) -> float | None:
+        if self.digits_fd is None or not self.floor:
+            return None
+        return self.digits_fd / self.floor
+
+
+def conditions_for(conditioner: Any, n: int) -> tuple[list[Any] | None, torch.Tensor | None]:
+    """Inputs for n samples and, for text, the digit each prompt names."""
+    from diffplug.data import digits
+
+    kind = getattr(conditioner, "kind", None)
+    if kind is None:
+        return None, None
+    labels = torch.arange(n) % 10
+    if kind == "text":
+        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        return [f"a handwritten {words[int(d)]}" for d in labels], labels
+    if kind == "image":
+        real = digits("heldout", 8).images
+        return [real[k % len(real)] for k in range(n)], None
+    raise IncompatibleError(f"the matrix has no inputs for {kind!r} conditioning")
+
+
+def run_cell(sampler: str, model: str, n: int = 200, steps: int | None = None,
+             registry: Any = None) -> Cell:  # fmt: skip
+    """Sample one cell (or record why it is refused) and score it."""
+    from diffplug.conditioners import recorded_conditioner
+    from diffplug.evaluate import evaluate, load_classifier, to_digits
+    from diffplug.latent import recorded_autoencoder
+    from diffplug.registry import default_registry
+    from diffplug.resolve import build_scheduler, load_model
+    from diffplug.sampling import check_compatible, sample
+
+    registry = registry or default_registry()
+    denoiser, _ = load_model(registry, model)
+    conditioner = recorded_conditioner(denoiser, registry)
+    autoencoder = recorded_autoencoder(denoiser, registry)
+    cell = Cell(sampler, model, getattr(conditioner, "kind", None) or "none",
+                "latent" if autoencoder is not None else "pixel")  # fmt: skip
+    scheduler = build_scheduler(registry, sampler, {})
+    try:
+        check_compatible(denoiser, scheduler, conditioner, autoencoder)
+    except IncompatibleError as exc:
+        cell.refused = str(exc)
+        return cell
+    conditions, labels = conditions_for(conditioner, n)
+    guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
+    images = sample(denoiser, scheduler, steps=steps or scheduler.default_steps,
+                    seeds=list(range(n)), conditioner=conditioner, conditions=conditions,
+                    guidance=guidance if conditioner is not None else 1.0,
+                    autoencoder=autoencoder, batch_size=250)  # fmt: skip
+    scores = evaluate(images)
+    cell.digits_fd, cell.floor = scores["digits_fd"], scores["floor"]
+    if labels is not None:
+        with torch.no_grad():
+            predicted = load_classifier()(to_digits(images)).argmax(1)
+        cell.accuracy = float((predicted == labels).float().mean())
+    return cell
+
+
+def cells(registry: Any = None) -> list[tuple[str, str]]:
+    """(sampler, model) for every installed sampler and pretrained model."""
+    from diffplug.registry import default_registry
+
+    registry = registry or default_registry()
+    return [(s, m) for m in registry.names("pretrained") for s in registry.names("scheduler")]

@@ -1,0 +1,22 @@
+"""Registers the KL autoencoder and its training method (targets load lazily)."""
+
+from diffplug import hookimpl
+from diffplug.hookspecs import Register
+
+
+@hookimpl
+def register_autoencoders(register: Register) -> None:
+    register(
+        "kl-vae",
+        "diffplug_vae.model:KLVAE",
+        "KL autoencoder, diffusers AutoencoderKL layout (loads SD VAEs)",
+    )
+
+
+@hookimpl
+def register_methods(register: Register) -> None:
+    register(
+        "vae",
+        "diffplug_vae.method:VAEMethod",
+        "trains an autoencoder: reconstruction + KL (+ optional digits perceptual term)",
+    )
