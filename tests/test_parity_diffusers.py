@@ -637,3 +637,38 @@ def test_ddim_closed_form(schedule, prediction, eta, spacing, steps):
         )
         assert noise.drawn == (len(ts) - 1 if eta > 0 else 0)
         assert max_diff(got, expected) <= tol, dtype
+
+
+# ---------------------------------------------------------------------- thresholding
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dynamic_thresholding_under_ddim_matches_diffusers_clipped_model_output(eta):
+    """``--threshold dynamic`` re-derives eps_hat from the thresholded x0_hat: diffusers'
+    DDIM with thresholding=True and use_clipped_model_output=True (Imagen's semantics)."""
+    from diffplug.transforms import DynamicConfig, DynamicThreshold
+
+    steps, spacing = 20, "trailing"
+    den = denoiser("linear", "x0")
+    exact = den.forward
+    den.forward = lambda x, t, cond=None: 2.5 * exact(x, t, cond)  # past [-1, 1]: it must act
+    ours = DDIM.from_options(eta=eta, spacing=spacing)
+    ref = exact_schedule(
+        DDIMScheduler.from_config(
+            reference_scheduler("ddim", "linear", "x0", spacing).config,
+            thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1e9,
+        )
+    )  # fmt: skip
+    xT, zs = ddim_noise(steps, den.sample_shape)
+    got = sample(den, ours, steps=steps, seeds=range(BATCH), noise=ReplayNoise(xT.to(F64),
+                 zs.to(F64)), dtype=F64, transforms=[DynamicThreshold(DynamicConfig(0.9))])  # fmt: skip
+    ref.set_timesteps(steps)
+    x = xT.to(F64)
+    for i, t in enumerate(ref.timesteps):
+        out = den(x, t_batch(t, F64))
+        x = ref.step(out, t, x, eta=eta, variance_noise=zs[i].to(F64),
+                     use_clipped_model_output=True).prev_sample  # fmt: skip
+    assert max_diff(got, x) <= 1e-9
+    plain = sample(den, ours, steps=steps, seeds=range(BATCH), dtype=F64,
+                   noise=ReplayNoise(xT.to(F64), zs.to(F64)))  # fmt: skip
+    assert max_diff(got, plain) > 1e-3  # the threshold did act

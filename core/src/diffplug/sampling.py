@@ -146,8 +146,13 @@ def sample(
     Returns images (N, C, H, W) in the data range (decoded when ``autoencoder`` is given).
     ``conditions`` holds one input per sample for ``conditioner``; with ``guidance != 1``
     the conditional and unconditional halves run in one batched call and are combined as
-    ``uncond + guidance * (cond - uncond)``. ``noise(seeds, shape, noisy_steps)`` may replace
-    the per-sample generators (for tests against another library's noise).
+    ``uncond + guidance * (cond - uncond)``. ``transforms`` (thresholding) change x0_hat at
+    every step and eps_hat is re-derived from it, eps_hat = (x_t - alpha*x0_hat)/sigma, so the
+    step stays consistent with x_t (Imagen's semantics; diffusers' ``use_clipped_model_output``):
+    keeping the network's eps_hat next to a clipped x0_hat collapses DDIM at high guidance. A
+    sampler's own transforms (its ``--clip-sample``) keep eps_hat, as its reference does.
+    ``noise(seeds, shape, noisy_steps)`` may replace the per-sample generators (for tests
+    against another library's noise).
     """
     if steps <= 0:
         raise UserError(f"steps must be a positive integer; got {steps}")
@@ -165,8 +170,7 @@ def sample(
     if process is not denoiser.process:  # a model of another process: bridged, once per run
         plan = bridge_plan(plan, denoiser.process)
     tables = fold(plan, denoiser.prediction)
-    all_transforms = [*plan.transforms, *transforms]
-    fused = plan.linear and not all_transforms and callback is None
+    fused = plan.linear and not plan.transforms and not transforms and callback is None
     n = len(plan)
     noisy_steps = sum(plan.noisy(i) for i in range(n))
     model_t = plan.model_t if plan.model_t is not None else plan.t
@@ -175,7 +179,7 @@ def sample(
     batch_size = batch_size or len(seeds)
     batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
 
-    loop = _Loop(denoiser, plan, tables, all_transforms, fused, times, guidance, guided,
+    loop = _Loop(denoiser, plan, tables, list(transforms), fused, times, guidance, guided,
                  callback, noisy_steps, noise, device, dtype)  # fmt: skip
     was_training = denoiser.training
     denoiser.eval()
@@ -292,8 +296,13 @@ class _Loop:
             else:
                 x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
                 eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
-                for transform in self.transforms:
+                for transform in plan.transforms:  # the sampler's own: eps_hat is kept
                     x0 = transform(x0)
+                if self.transforms:  # the caller's (thresholding): eps_hat follows x0_hat
+                    for transform in self.transforms:
+                        x0 = transform(x0)
+                    if plan.sigma[i] > 0:
+                        eps = (x - x0 * plan.alpha[i]) / plan.sigma[i]
                 x_next = plan.update(i, x, x0, eps, z)
                 if self.callback is not None:
                     self.callback(Step(i, len(plan), float(plan.t[i]), x_next, x0, seeds))
