@@ -195,3 +195,18 @@ def test_run_passes_conditioner_options_to_the_models_conditioner(stages, tmp_pa
     bad = run_cli("run", "--model", stages["sr16"], "--sampler", "ddim", "--condition-images",
                   str(images), "--levle", "0.3", "-q", "-o", str(tmp_path / "b.png"))  # fmt: skip
     assert_clean_error(bad, "--levle")
+
+
+def test_train_gives_an_option_both_the_denoiser_and_conditioner_declare_to_both(tmp_path):
+    from diffplug.checkpoint import read_metadata
+
+    out = tmp_path / "sr"
+    result = run_cli("train", "--method", "ddpm", "--denoiser", "efficient-unet", "--conditioner",
+                     "noise-aug", "--low-size", "4", "--size", "8", "--width", "16",
+                     "--cross-attention", "", "--attention", "", "--steps", "1", "--batch-size",
+                     "2", "--max-level", "0.3", "--out", str(out), "-q")  # fmt: skip
+    assert result.code == 0, result.err
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["config"]["low_size"] == 4 and meta["config"]["conditioning"] == "image"
+    assert meta["extra"]["conditioner"]["config"]["low_size"] == 4
+    assert meta["extra"]["conditioner"]["config"]["max_level"] == 0.3

@@ -117,6 +117,10 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
                 + ", ".join("--" + k.replace("_", "-") for k in every)
             )
         groups[owner][key] = value
+        # the denoiser and its conditioner describe one interface (a super-resolution
+        # stage's --low-size): an option both declare goes to both
+        if owner == "denoiser" and key in owners[3][1]:
+            groups["conditioner"][key] = value
     method = method_cls(build_config(method_cls.Config, groups["method"], owner=kw["method"]))
     loop = build_config(
         TrainConfig,
