@@ -1,0 +1,89 @@
+"""``diffplug import-diffusers FOLDER -o OUT.safetensors``: a diffusers folder to a checkpoint.
+
+The checkpoint is an ordinary diffplug denoiser file (``diffusers-unet``): ``diffplug run
+--model OUT.safetensors --sampler ddim`` loads it with no folder and no network.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from diffplug.errors import UserError
+
+
+@click.command(name="import-diffusers")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="the checkpoint to write (.safetensors)",
+)
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@click.option(
+    "--prediction",
+    type=click.Choice(["eps", "x0", "v"]),
+    default=None,
+    help="what the UNet predicts  [default: the scheduler config's, else eps]",
+)
+@click.option(
+    "--beta-schedule",
+    default=None,
+    type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+    help="the training betas  [default: the scheduler config's, else linear]",
+)
+@click.option("--beta-start", type=float, default=None, help="[default: scheduler config, 1e-4]")
+@click.option("--beta-end", type=float, default=None, help="[default: scheduler config, 0.02]")
+@click.option(
+    "--num-train-timesteps",
+    type=click.IntRange(min=2),
+    default=None,
+    help="training timesteps T  [default: the scheduler config's, else 1000]",
+)
+@click.option(
+    "--rescale-zero-terminal-snr/--no-rescale-zero-terminal-snr",
+    default=None,
+    help="betas rescaled to zero terminal SNR  [default: the scheduler config's]",
+)
+@click.option("--variant", default=None, help="a weights variant, e.g. fp16")
+def import_diffusers(
+    folder: Path,
+    output: Path,
+    overwrite: bool,
+    prediction: str | None,
+    variant: str | None,
+    **process: object,
+) -> None:
+    """Convert a local diffusers folder (a UNet folder with config.json and
+    diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and scheduler/) into a
+    diffplug checkpoint. Safetensors weights only; nothing is downloaded."""
+    if output.suffix.lower() != ".safetensors":
+        raise UserError(f"output {output}: a checkpoint is a .safetensors file")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output {output}: directory {parent} does not exist")
+    if output.is_dir():
+        raise UserError(f"output {output} is a directory")
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} exists; pass --overwrite to replace it")
+    from diffplug.checkpoint import save_component
+    from diffplug_diffusers.unet import DiffusersUNet, load_unet, read_folder, resolve_process
+
+    found = read_folder(folder, variant=variant)
+    overrides = {k: v for k, v in process.items() if v is not None}
+    kind, spec, note = resolve_process(found.scheduler_config, prediction, overrides)
+    if note:
+        click.echo(f"diffplug: note: {note}", err=True)
+    model = DiffusersUNet.from_unet(load_unet(found), prediction=kind, process=spec)
+    save_component(model, output, kind="denoiser", extra=found.extra())  # atomic
+    shape = "x".join(map(str, model.sample_shape))
+    print(
+        f"diffplug: wrote {output} ({found.unet_class} {shape}, {kind} prediction, "
+        f"{spec['beta_schedule']} betas, T={spec['num_train_timesteps']}"
+        f"{', ' + model.conditioning + '-conditional' if model.conditioning else ''})",
+        file=sys.stderr,
+    )
