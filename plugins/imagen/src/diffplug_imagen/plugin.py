@@ -25,3 +25,13 @@ def register_denoisers(register: Register) -> None:
 def register_pipelines(register: Register) -> None:
     register("imagen", "diffplug_imagen.cascade:Cascade",
              "prompts -> base model -> super-resolution stages")  # fmt: skip
+
+
+@hookimpl
+def register_pretrained(register: Register) -> None:
+    register("imagen-digits-base", "diffplug_imagen:weights/imagen-digits-base.safetensors",
+             "text -> 8x8 digits: Efficient U-Net, self-contained text encoder")  # fmt: skip
+    register("imagen-digits-sr", "diffplug_imagen:weights/imagen-digits-sr.safetensors",
+             "8x8 -> 32x32 super-resolution, trained with noise augmentation")  # fmt: skip
+    register("imagen-digits-sr-noaug", "diffplug_imagen:weights/imagen-digits-sr-noaug.safetensors",
+             "the same stage trained on clean conditions (the ablation's control)")  # fmt: skip
