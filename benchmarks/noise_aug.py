@@ -1,7 +1,7 @@
 """Ablation: the digits cascade's super-resolution stage trained with and without
 noise-conditioning augmentation, both fed the base model's samples.
 
-1000 base samples (100 per digit, "a handwritten <digit>", the cascade's default guidance and
+500 base samples (50 per digit, "a handwritten <digit>", the cascade's default guidance and
 thresholding) are super-resolved 8 -> 32 by each SR model; the final images are scored by
 digits FD and by class accuracy against the prompt's digit. The augmented model is tried at
 fixed levels and with the best-of sweep; the control model (trained on clean conditions,
@@ -27,7 +27,7 @@ from diffplug_imagen.text import WORDS
 BASE = os.environ.get("IMAGEN_BASE", "imagen-digits-base")
 SR_AUG = os.environ.get("SR_AUG", "imagen-digits-sr")
 SR_CLEAN = os.environ.get("SR_CLEAN", "imagen-digits-sr-noaug")
-N_PER_DIGIT = 100
+N_PER_DIGIT = 50
 SR_STEPS = 25
 SETTINGS = [
     ("augmented", SR_AUG, {"level": 0.0}),
@@ -82,9 +82,9 @@ def run() -> str:
     plot(bars, base_fd)
     return "\n\n".join([
         f"### Noise-conditioning augmentation ablation ({machine()})",
-        f"Base stage `{BASE}` (1000 samples, 100 per digit, \"a handwritten <digit>\"): "
+        f"Base stage `{BASE}` (500 samples, 50 per digit, \"a handwritten <digit>\"): "
         f"8x8 digits FD {base_fd:.2f}, accuracy {100 * base_acc:.1f}%. Each row "
-        f"super-resolves those same 1000 samples to 32x32 (DDIM {SR_STEPS} steps, dynamic "
+        f"super-resolves those same 500 samples to 32x32 (DDIM {SR_STEPS} steps, dynamic "
         "thresholding); FD and accuracy are of the final images.",
         table(["SR stage trained", "sampling level", "digits FD", "class accuracy"], rows),
         "![ablation](noise-aug.png)",

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_section  # noqa: E402
 
-ALL = ["loop", "quality", "training", "cli", "memory", "gpu", "imagen", "noise_aug"]
+ALL = ["loop", "quality", "training", "cli", "memory", "gpu", "imagen", "noise_aug", "matrix"]
 
 
 def main(names: list[str]) -> None:

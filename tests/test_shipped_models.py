@@ -21,3 +21,40 @@ def test_ddpm_digits_draws_recognisable_digits_of_every_class():
     assert report["digits_fd"] < 3 * report["floor"], report
     noise = evaluate(torch.rand(300, 1, 8, 8) * 2 - 1)
     assert report["digits_fd"] < noise["digits_fd"] / 20
+
+
+@pytest.mark.slow
+def test_imagen_cascade_draws_the_prompted_digit_at_its_defaults():
+    """The issue's target: >= 90% of "a handwritten seven" classified as 7 (final images)."""
+    from diffplug.evaluate import load_classifier, to_digits
+    from diffplug_imagen.cascade import Cascade
+
+    stages = Cascade().run(prompts=["a handwritten seven"] * 40 + ["the digit 3"] * 40,
+                           seeds=list(range(80)), batch_size=80, device=torch.device("cpu"))  # fmt: skip
+    assert [s.images.shape[-1] for s in stages] == [8, 32]
+    with torch.no_grad():
+        predicted = load_classifier()(to_digits(stages[-1].images)).argmax(1)
+    assert (predicted[:40] == 7).float().mean() >= 0.9
+    assert (predicted[40:] == 3).float().mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_imagen_super_resolution_stages_keep_real_low_res_digits():
+    """Both shipped SR stages, conditioned on real held-out 8x8 digits at level 0: the output
+    shrunk back to 8x8 stays near its input and keeps its class."""
+    from diffplug.conditioners import recorded_conditioner
+    from diffplug.data import digits, resize
+    from diffplug.evaluate import load_classifier, to_digits
+    from diffplug.pipeline import configure
+
+    real = digits("heldout", 8)
+    for name in ("imagen-digits-sr", "imagen-digits-sr-noaug"):
+        model, _ = load_model(default_registry(), name)
+        cond = configure(recorded_conditioner(model), {"level": 0.0})
+        x = sample(model, DDIM(), steps=20, seeds=range(60), conditioner=cond,
+                   conditions=list(real.images[:60]))  # fmt: skip
+        assert x.shape == (60, 1, 32, 32)
+        assert (resize(x, 8) - real.images[:60]).pow(2).mean() < 0.02, name
+        with torch.no_grad():
+            predicted = load_classifier()(to_digits(x)).argmax(1)
+        assert (predicted == real.labels[:60]).float().mean() >= 0.9, name

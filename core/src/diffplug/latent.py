@@ -32,9 +32,13 @@ def fingerprint(autoencoder: Autoencoder) -> str:
 def autoencoder_record(autoencoder: Autoencoder, source: str) -> dict[str, Any]:
     """What a latent denoiser's checkpoint keeps: ``source`` is the pretrained name or path
     the autoencoder was loaded from."""
+    from diffplug.checkpoint import identify
+
+    plugin, name = identify(autoencoder, "autoencoder")
     return {
         "source": source,
-        "name": autoencoder.name,
+        "plugin": plugin,
+        "name": name,
         "config": dataclasses.asdict(autoencoder.config)
         if dataclasses.is_dataclass(autoencoder.config)
         else {},
@@ -57,6 +61,19 @@ def load_autoencoder(source: str, registry: Any = None, device: str | torch.devi
         path = registry.get("pretrained", source).load()
     ae = load_component(path, kind="autoencoder", registry=registry, device=device)
     return ae
+
+
+def encode_dataset(autoencoder: Autoencoder, data: Any, batch_size: int = 256) -> Any:
+    """The dataset in the autoencoder's space: latents of every image, labels kept. Encoded
+    once before training (deterministically, by the autoencoder's ``encode``), so a latent
+    model trains as fast as a pixel one of the latent's size."""
+    from diffplug.data import Dataset
+
+    autoencoder.eval()
+    with torch.no_grad():
+        latents = torch.cat([autoencoder.encode(data.images[i : i + batch_size])
+                             for i in range(0, len(data.images), batch_size)])  # fmt: skip
+    return Dataset(latents.float(), data.labels)
 
 
 def recorded_autoencoder(denoiser: Denoiser, registry: Any = None) -> Any:
@@ -101,8 +118,16 @@ def check_autoencoder(denoiser: Denoiser, autoencoder: Autoencoder | None) -> No
             f"the denoiser was trained in the latents of autoencoder {record['source']!r} "
             "(weights fingerprint differs): another autoencoder's latents mean something else"
         )
-    image = autoencoder.image_shape(denoiser.sample_shape)
-    if tuple(autoencoder.latent_shape(image)) != tuple(denoiser.sample_shape):
+    from diffplug.errors import UserError
+
+    try:
+        image = autoencoder.image_shape(denoiser.sample_shape)
+        latent = tuple(autoencoder.latent_shape(image))
+    except UserError as exc:
+        raise IncompatibleError(
+            f"the denoiser's samples are not this autoencoder's latents: {exc}"
+        ) from None
+    if latent != tuple(denoiser.sample_shape):
         raise IncompatibleError(
             f"the autoencoder's latents for {image} images have shape "
             f"{autoencoder.latent_shape(image)}, the denoiser's are {denoiser.sample_shape}"

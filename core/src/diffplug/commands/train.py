@@ -35,6 +35,12 @@ from diffplug.errors import OptionError, UserError
     default=None,
     help="builds each batch's condition from its images, e.g. lowres (super-resolution)",
 )
+@click.option(
+    "--autoencoder",
+    default=None,
+    help="train in this autoencoder's latent space (a pretrained name or a .safetensors path); "
+    "the model records it and `run` decodes through it",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--out", default=None, help="output directory (default: runs/METHOD)")
@@ -130,6 +136,19 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     data = load_data(kw["data"], kw["size"], "train", int(kw["channels"]))
     # the data's shape goes to a model that has these options (every denoiser does)
     shape = {"channels": int(kw["channels"]), "size": kw["size"]}
+    latent_record = None
+    if kw["autoencoder"] is not None:
+        if kind != "denoiser":
+            raise UserError(
+                f"--autoencoder is for denoisers; method {kw['method']} trains a {kind}"
+            )
+        from diffplug.latent import autoencoder_record, encode_dataset, load_autoencoder
+
+        autoencoder = load_autoencoder(kw["autoencoder"], registry)
+        data = encode_dataset(autoencoder, data)  # once: the posterior means, scaled
+        latent = data.images.shape[1:]
+        shape = {"channels": int(latent[0]), "size": int(latent[-1])}
+        latent_record = autoencoder_record(autoencoder, kw["autoencoder"])
     denoiser_options = {
         **{k: v for k, v in shape.items() if k in owned(denoiser_cls.Config)},
         **method.denoiser_defaults(),
@@ -177,6 +196,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         "method": {"name": kw["method"], **dataclasses.asdict(method.config)},
         "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
         "command": " ".join(["diffplug", "train", *sys.argv[2:]]),
+        **({"autoencoder": latent_record} if latent_record is not None else {}),
     }
     with distributed.process_group(device):
         result = train(
