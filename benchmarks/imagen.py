@@ -70,7 +70,11 @@ def cascade_target() -> list[list[object]]:
         ("a handwritten seven", ["a handwritten seven"] * 200),
         ("all ten digits", [f"a handwritten {WORDS[d]}" for d in range(10) for _ in range(20)]),
     ):
-        labels = torch.tensor([7] * 200) if name.endswith("seven") else torch.arange(10).repeat_interleave(20)
+        labels = (
+            torch.tensor([7] * 200)
+            if name.endswith("seven")
+            else torch.arange(10).repeat_interleave(20)
+        )
         stages = cascade.run(prompts=prompts, seeds=list(range(200)), batch_size=200,
                              device=torch.device("cpu"))  # fmt: skip
         base_acc = (predicted(stages[0].images) == labels).float().mean()

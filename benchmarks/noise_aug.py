@@ -57,7 +57,8 @@ def base_samples() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def super_resolve(model: str, options: dict, conditions: torch.Tensor) -> torch.Tensor:
-    spec = StageSpec(model, "ddim", SR_STEPS, 1.0, "dynamic", conditioner_options=options)
+    sampler = CascadeConfig().sr_samplers[0]
+    spec = StageSpec(model, sampler, SR_STEPS, 1.0, "dynamic", conditioner_options=options)
     return run_stage(spec, seeds=list(range(10_000, 10_000 + len(conditions))),
                      conditions=list(conditions), batch_size=250, device=CPU).images  # fmt: skip
 
@@ -84,7 +85,8 @@ def run() -> str:
         f"### Noise-conditioning augmentation ablation ({machine()})",
         f"Base stage `{BASE}` (500 samples, 50 per digit, \"a handwritten <digit>\"): "
         f"8x8 digits FD {base_fd:.2f}, accuracy {100 * base_acc:.1f}%. Each row "
-        f"super-resolves those same 500 samples to 32x32 (DDIM {SR_STEPS} steps, dynamic "
+        f"super-resolves those same 500 samples to 32x32 ({CascadeConfig().sr_samplers[0]} "
+        f"{SR_STEPS} steps, dynamic "
         "thresholding); FD and accuracy are of the final images.",
         table(["SR stage trained", "sampling level", "digits FD", "class accuracy"], rows),
         "![ablation](noise-aug.png)",

@@ -128,7 +128,7 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
     assert meta["extra"]["conditioner"] == {
         "plugin": "diffplug",
         "name": "lowres",
-        "config": {"low_size": 4, "channels": 1},
+        "config": {"low_size": 4, "channels": 1, "image_size": 16},
         "weights": False,
     }
     _write_pngs(tmp_path / "lowres", [(16, 16), (9, 7)])
@@ -139,7 +139,7 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
     assert result.code == 0, result.err
     assert load_tensors(first)["samples"].shape == (3, 1, 16, 16)
     recipe = read_recipe(first)
-    assert recipe["conditioner"] == {"name": "lowres", "low_size": 4, "channels": 1}
+    assert recipe["conditioner"] == {"name": "lowres", "low_size": 4, "channels": 1, "image_size": 16}
     assert recipe["condition_images"] == str(tmp_path / "lowres")
     # a run's own samples file conditions the next run
     again = run_cli(*base, "--condition-images", str(first), "-o", str(tmp_path / "b.png"))
@@ -165,3 +165,17 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
                 "--condition-images", str(tmp_path / "lowres"), "-o", str(tmp_path / "e.png")),
         "not image-conditional",
     )  # fmt: skip
+
+
+def test_a_small_input_takes_the_training_images_path_before_shrinking():
+    """With image_size set (train sets it from --size), an 8x8 input is first brought to the
+    training size and then shrunk, as every training image was; a full-size input is just
+    shrunk; without image_size inputs are shrunk directly."""
+    small = digits("heldout", 8).images[:2]
+    cond = LowResConditioner(LowResConfig(low_size=8, image_size=32))
+    got = cond(list(small))["image"]
+    torch.testing.assert_close(got, resize(resize(small, 32), 8), rtol=0, atol=0)
+    big = digits("heldout", 32).images[:2]
+    torch.testing.assert_close(cond(list(big))["image"], resize(big, 8), rtol=0, atol=0)
+    direct = LowResConditioner(LowResConfig(low_size=8))(list(small))["image"]
+    assert torch.equal(direct, small) and not torch.equal(got, small)

@@ -8,6 +8,7 @@ from diffplug.registry import default_registry
 from diffplug.resolve import load_model
 from diffplug.sampling import sample
 from diffplug_ddim.scheduler import DDIM
+from diffplug_ddpm.scheduler import DDPM
 
 
 @pytest.mark.slow
@@ -51,7 +52,7 @@ def test_imagen_super_resolution_stages_keep_real_low_res_digits():
     for name in ("imagen-digits-sr", "imagen-digits-sr-noaug"):
         model, _ = load_model(default_registry(), name)
         cond = configure(recorded_conditioner(model), {"level": 0.0})
-        x = sample(model, DDIM(), steps=20, seeds=range(60), conditioner=cond,
+        x = sample(model, DDPM(), steps=20, seeds=range(60), conditioner=cond,
                    conditions=list(real.images[:60]))  # fmt: skip
         assert x.shape == (60, 1, 32, 32)
         assert (resize(x, 8) - real.images[:60]).pow(2).mean() < 0.02, name

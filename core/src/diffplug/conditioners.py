@@ -28,13 +28,22 @@ class LowResConfig:
     # ``low_size``, not ``size``: ``diffplug train --size`` is already the model's side
     low_size: int = option(8, "side of the low-resolution condition image", min=1)
     channels: int = option(1, "channels of the condition image (the data's)", min=1)
+    image_size: int = option(
+        0,
+        "side the training images had (train sets it from --size): sampling inputs are brought "
+        "to it before shrinking, as training images were (0: shrink directly)",
+        min=0,
+    )
 
 
 class LowResConditioner(Conditioner):
     """A low-resolution image, ``{"image": (B, channels, low_size, low_size)}`` in [-1, 1].
 
-    Inputs of any size are shrunk with ``diffplug.data.resize``, the resize training used, so
-    a full-size image at sampling time gives exactly the condition its training twin had.
+    Inputs of any size take the training images' path: resized to ``image_size`` (as the
+    data loader resized every training image; an 8x8 digit becomes the blurred 32x32 the model
+    was trained on), then shrunk to ``low_size`` with ``diffplug.data.resize``, so any input
+    gives exactly the condition its training twin had. Without that round trip a sharp 8x8
+    sample (a base model's) is a condition no training image ever produced.
     """
 
     Config = LowResConfig
@@ -65,6 +74,8 @@ class LowResConditioner(Conditioner):
                     f"[-1, 1] or None; got {got}"
                 )
             image = item.to(device=null.device, dtype=torch.float32)
+            if cfg.image_size:
+                image = resize(image[None], cfg.image_size)[0]
             images.append(resize(image[None], cfg.low_size)[0])
         return {"image": torch.stack(images)}
 

@@ -160,9 +160,8 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     if conditioner_entry is not None:
         assert conditioner_cls is not None
         # a condition made from the images has the images' channels unless told otherwise
-        inherited = (
-            {"channels": kw["channels"]} if "channels" in owned(conditioner_cls.Config) else {}
-        )
+        data_shape = {"channels": kw["channels"], "image_size": kw["size"]}
+        inherited = {k: v for k, v in data_shape.items() if k in owned(conditioner_cls.Config)}
         conditioner = conditioner_entry.construct(
             build_config(
                 conditioner_cls.Config,

@@ -34,7 +34,9 @@ class CascadeConfig:
     percentile: float = option(0.995, "p of dynamic thresholding", min=0.0, max=1.0,
                                min_exclusive=True)  # fmt: skip
     sr_models: list[str] = option(["imagen-digits-sr"], "super-resolution stages, in order")
-    sr_samplers: list[str] = option(["ddim"], "sampler per stage (one for all)")
+    sr_samplers: list[str] = option(
+        ["ddpm"], "sampler per stage (one for all); ancestral, as Imagen (see docs/imagen.md)"
+    )
     sr_steps: list[int] = option([25], "steps per stage (one for all)")
     sr_guidance: list[float] = option([1.0], "guidance per stage (one for all)")
     sr_threshold: list[str] = option(["dynamic"], "thresholding per stage (one for all)")
