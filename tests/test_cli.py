@@ -155,7 +155,7 @@ def test_unknown_sampler_option_lists_the_options(tmp_path):
         *FAST,
         "--etaa",
         "1",
-        needles=("no option etaa", "--eta", "--spacing"),
+        needles=("no option --etaa", "--eta", "--spacing"),
     )
 
 
