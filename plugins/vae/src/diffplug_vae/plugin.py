@@ -20,3 +20,12 @@ def register_methods(register: Register) -> None:
         "diffplug_vae.method:VAEMethod",
         "trains an autoencoder: reconstruction + KL (+ optional digits perceptual term)",
     )
+
+
+@hookimpl
+def register_pretrained(register: Register) -> None:
+    register(
+        "vae-digits",
+        "diffplug_vae:weights/vae-digits.safetensors",
+        "KL autoencoder trained on the 32x32 digits: 8x8x4 latents (calibrated scale)",
+    )
