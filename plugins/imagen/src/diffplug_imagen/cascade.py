@@ -41,7 +41,7 @@ class CascadeConfig:
     sr_guidance: list[float] = option([1.0], "guidance per stage (one for all)")
     sr_threshold: list[str] = option(["dynamic"], "thresholding per stage (one for all)")
     sr_aug_level: list[float] = option(
-        [0.2], "noise-augmentation level per stage, for stages whose conditioner has one"
+        [0.1], "noise-augmentation level per stage, for stages whose conditioner has one"
     )
     sr_aug_sweep: list[float] = option(
         [], "levels to try at every stage with augmentation; each sample keeps its best"

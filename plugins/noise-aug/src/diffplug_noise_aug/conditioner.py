@@ -41,7 +41,7 @@ SCORERS = ("lowres", "lowres-l1")
 
 @dataclass
 class NoiseAugConfig(LowResConfig):
-    level: float = option(0.2, "sampling: the augmentation level (literature: 0.1-0.3)",
+    level: float = option(0.1, "sampling: the augmentation level (literature: 0.1-0.3)",
                           min=0.0, max=1.0)  # fmt: skip
     sweep: list[float] = option(
         [], "sampling: levels to try; each sample keeps the best by --scorer (empty: off)"
