@@ -1,9 +1,9 @@
 """The text-to-digits cascade: guidance and thresholding sweep, and the end-to-end target.
 
 1. Base stage alone (8x8): for every digit and the four phrasings "7", "seven",
-   "a handwritten seven", "the digit 7", 25 samples each (1000 per setting), at guidance
+   "a handwritten seven", "the digit 7", 10 samples each (400 per setting), at guidance
    1, 3, 5, 8, with and without dynamic thresholding. Class accuracy is the share the in-repo
-   digits classifier assigns to the prompt's digit; digits FD is of all 1000 (class-balanced).
+   digits classifier assigns to the prompt's digit; digits FD is of all 400 (class-balanced).
 2. The whole cascade at its defaults (base + super-resolution to 32x32): accuracy of 200
    samples of "a handwritten seven" (target >= 90% classified as 7) and of all ten digits.
 
@@ -24,7 +24,7 @@ from diffplug_imagen.text import WORDS
 
 PHRASINGS = ["{n}", "{w}", "a handwritten {w}", "the digit {n}"]
 GUIDANCE = [1.0, 3.0, 5.0, 8.0]
-PER_CELL = 25
+PER_CELL = 10
 BASE = os.environ.get("IMAGEN_BASE", "imagen-digits-base")
 SR = os.environ.get("IMAGEN_SR", "imagen-digits-sr")
 
@@ -95,7 +95,7 @@ def plot(curves: dict) -> None:
         w, acc, fd = zip(*points, strict=True)
         axes[0].plot(w, [100 * a for a in acc], marker="o", label=f"threshold {threshold}")
         axes[1].plot(w, fd, marker="o", label=f"threshold {threshold}")
-    axes[0].set(title="class accuracy (1000 prompts)", xlabel="guidance w", ylabel="%")
+    axes[0].set(title=f"class accuracy ({40 * PER_CELL} prompts)", xlabel="guidance w", ylabel="%")
     axes[1].set(title="digits FD (lower is better)", xlabel="guidance w")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -112,8 +112,8 @@ def run() -> str:
     cascade = cascade_target()
     return "\n\n".join([
         f"### Imagen cascade ({machine()})",
-        f"Base stage `{BASE}` alone, DDIM 50 steps, 1000 prompts per row (each digit in four "
-        "phrasings, 25 seeds each; the phrasing columns show the 7's phrasing but average over "
+        f"Base stage `{BASE}` alone, DDIM 50 steps, {40 * PER_CELL} prompts per row (each digit "
+        f"in four phrasings, {PER_CELL} seeds each; the phrasing columns show the 7's phrasing but average over "
         "all ten digits). Accuracy: the in-repo classifier agrees with the prompt's digit.",
         table(header, rows),
         "![guidance sweep](imagen-guidance.png)",
