@@ -59,3 +59,22 @@ def test_imagen_super_resolution_stages_keep_real_low_res_digits():
         with torch.no_grad():
             predicted = load_classifier()(to_digits(x)).argmax(1)
         assert (predicted == real.labels[:60]).float().mean() >= 0.9, name
+
+
+@pytest.mark.slow
+def test_adm_latent_digits_runs_out_of_the_box_and_decodes_digits(tmp_path):
+    """The seed's configuration: ADM in a VAE's latent space; `run --sampler adm` loads the
+    recorded autoencoder (vae-digits) and decodes 32x32 digits."""
+    from cliutil import run_cli
+
+    from diffplug.checkpoint import load_tensors
+
+    out = tmp_path / "s.safetensors"
+    result = run_cli("run", "--sampler", "adm", "--model", "adm-latent-digits",
+                     "--num-samples", "300", "--batch-size", "150", "-q", "-o", str(out))  # fmt: skip
+    assert result.code == 0, result.err
+    x = load_tensors(out)["samples"] * 2 - 1
+    assert x.shape == (300, 1, 32, 32)
+    report = evaluate(x)
+    assert report["digits_fd"] < 3 * report["floor"], report
+    assert min(report["class_histogram"]) >= 0.04

@@ -39,3 +39,8 @@ def register_pretrained(register: Register) -> None:
         "diffplug_adm:weights/adm-digits.safetensors",
         "dual UNet (c, eps) trained with ADM's loss on the 8x8 digits; EMA weights",
     )
+    register(
+        "adm-latent-digits",
+        "diffplug_adm:weights/adm-latent-digits.safetensors",
+        "dual UNet in the latents of vae-digits (diffplug-vae): 32x32 digits",
+    )
