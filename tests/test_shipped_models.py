@@ -41,8 +41,9 @@ def test_imagen_cascade_draws_the_prompted_digit_at_its_defaults():
 
 @pytest.mark.slow
 def test_imagen_super_resolution_stages_keep_real_low_res_digits():
-    """Both shipped SR stages, conditioned on real held-out 8x8 digits at level 0: the output
-    shrunk back to 8x8 stays near its input and keeps its class."""
+    """Both shipped SR stages, conditioned on real held-out 8x8 digits at level 0 and sampled
+    ancestrally (their default): the output shrunk back to 8x8 stays near its input (measured
+    MSE 0.0025) and keeps its class."""
     from diffplug.conditioners import recorded_conditioner
     from diffplug.data import digits, resize
     from diffplug.evaluate import load_classifier, to_digits
@@ -55,7 +56,9 @@ def test_imagen_super_resolution_stages_keep_real_low_res_digits():
         x = sample(model, DDPM(), steps=20, seeds=range(60), conditioner=cond,
                    conditions=list(real.images[:60]))  # fmt: skip
         assert x.shape == (60, 1, 32, 32)
-        assert (resize(x, 8) - real.images[:60]).pow(2).mean() < 0.02, name
+        # the stage's own view of its input: the training path (8 -> 32 -> 8, see image_size)
+        target = resize(resize(real.images[:60], 32), 8)
+        assert (resize(x, 8) - target).pow(2).mean() < 0.01, name
         with torch.no_grad():
             predicted = load_classifier()(to_digits(x)).argmax(1)
         assert (predicted == real.labels[:60]).float().mean() >= 0.9, name
