@@ -14,7 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_section  # noqa: E402
 
-ALL = ["loop", "quality", "training", "cli", "memory", "gpu", "imagen", "noise_aug", "matrix"]
+ALL = [
+    "loop",
+    "quality",
+    "training",
+    "cli",
+    "memory",
+    "gpu",
+    "imagen",
+    "noise_aug",
+    "vae",
+    "matrix",
+]
 
 
 def main(names: list[str]) -> None:

@@ -86,7 +86,7 @@ def run_stage(
     from diffplug.registry import default_registry
     from diffplug.resolve import build_scheduler, load_model
     from diffplug.sampling import sample
-    from diffplug.transforms import DynamicConfig, DynamicThreshold, StaticThreshold
+    from diffplug.transforms import thresholds
 
     registry = registry or default_registry()
     scheduler = build_scheduler(registry, spec.sampler, spec.sampler_options)
@@ -99,13 +99,7 @@ def run_stage(
         conditioner = configure(conditioner, spec.conditioner_options, strict=False)
     if conditioner is None and conditions is not None and any(c is not None for c in conditions):
         raise IncompatibleError(f"stage model {label} is unconditional but was given conditions")
-    transforms: list[Any] = []
-    if spec.threshold == "static":
-        transforms.append(StaticThreshold())
-    elif spec.threshold == "dynamic":
-        transforms.append(DynamicThreshold(DynamicConfig(percentile=spec.percentile)))
-    elif spec.threshold != "none":
-        raise OptionError(f"threshold must be none, static or dynamic; got {spec.threshold!r}")
+    transforms = thresholds(spec.threshold, spec.percentile)
     steps = spec.steps or scheduler.default_steps
     images = sample(
         denoiser,

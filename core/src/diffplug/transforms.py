@@ -66,3 +66,19 @@ class DynamicThreshold(Transform):
         s = torch.quantile(work.abs(), self.config.percentile, dim=1)
         s = s.clamp(min=1.0, max=self.config.max_value).unsqueeze(1)
         return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype).reshape(x0.shape)
+
+
+THRESHOLDS = ("none", "static", "dynamic")
+
+
+def thresholds(kind: str, percentile: float = 0.995) -> list[Transform]:
+    """The transforms ``--threshold KIND`` names (none: no transform)."""
+    from diffplug.errors import OptionError
+
+    if kind == "static":
+        return [StaticThreshold()]
+    if kind == "dynamic":
+        return [DynamicThreshold(DynamicConfig(percentile=percentile))]
+    if kind != "none":
+        raise OptionError(f"threshold must be one of {', '.join(THRESHOLDS)}; got {kind!r}")
+    return []

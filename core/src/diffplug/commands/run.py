@@ -156,7 +156,7 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
     from diffplug.registry import default_registry
     from diffplug.resolve import build_scheduler, default_model, load_model
     from diffplug.sampling import sample
-    from diffplug.transforms import DynamicConfig, DynamicThreshold, StaticThreshold
+    from diffplug.transforms import thresholds
 
     registry = default_registry()
     sampler_cls = registry.load("scheduler", kw["sampler"])
@@ -183,11 +183,7 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
         guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
     if guidance != 1.0 and conditioner is None:
         raise UserError(f"--guidance: model {label} is unconditional; there is nothing to guide")
-    transforms = []
-    if kw["threshold"] == "static":
-        transforms.append(StaticThreshold())
-    elif kw["threshold"] == "dynamic":
-        transforms.append(DynamicThreshold(DynamicConfig(percentile=kw["threshold_percentile"])))
+    transforms = thresholds(kw["threshold"], kw["threshold_percentile"])
     seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
     from diffplug.bridge import planning_process
 

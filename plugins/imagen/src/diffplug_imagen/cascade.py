@@ -18,8 +18,8 @@ import torch
 from diffplug.errors import OptionError, UserError
 from diffplug.options import option
 from diffplug.pipeline import Pipeline, StageResult, StageSpec, run_stage
+from diffplug.transforms import THRESHOLDS
 
-THRESHOLDS = ("none", "static", "dynamic")
 #: the base stage's guidance weight when none is given (see docs/imagen.md for the sweep)
 DEFAULT_GUIDANCE = 3.0
 
