@@ -173,3 +173,21 @@ def test_eval_cli_refuses_bad_inputs_cleanly(tmp_path):
     assert_clean_error(run_cli("eval", str(loud)), "[0, 1]")
     assert_clean_error(run_cli("eval", str(tmp_path / "grid.png")), "PNG")
     assert_clean_error(run_cli("eval", str(tmp_path)), "not a file")
+
+
+def test_detail_ratio_sees_full_resolution_noise_that_the_8x8_fd_cannot():
+    """Digits at 32x32 score detail 1 (they are the reference); the same digits with pixel noise
+    keep nearly their 8x8 FD (the round trip averages the noise away) but fail the detail
+    check. 8x8 samples have no detail to measure."""
+    from diffplug.data import digits, resize
+
+    real = resize(digits("heldout").images, 32)
+    clean = ev.evaluate(real)
+    noisy_images = real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    noisy = ev.evaluate(noisy_images)
+    assert 0.9 <= clean["detail_ratio"] <= 1.1 and clean["checks"]["detail_within_1.5x_real"]
+    assert noisy["detail_ratio"] > 1.5 and not noisy["checks"]["detail_within_1.5x_real"]
+    assert noisy["digits_fd"] <= 2 * clean["digits_fd"] + 1  # the 8x8 view barely moves
+    expected = noisy_images.clamp(-1, 1) - resize(resize(noisy_images.clamp(-1, 1), 8), 32)
+    assert ev.detail(noisy_images) == pytest.approx(float(expected.pow(2).mean().sqrt()))
+    assert ev.evaluate(digits("heldout").images)["detail_ratio"] is None

@@ -183,6 +183,8 @@ def sample(
                  callback, noisy_steps, noise, device, dtype)  # fmt: skip
     was_training = denoiser.training
     denoiser.eval()
+    if conditioner is not None and conditioner.kind is not None:
+        _preflight(denoiser, conditioner, times[0], device, dtype)
     out = []
     variants = conditioner.sweep() if conditioner is not None else [None]
     bar = tqdm(total=n * len(batches) * len(variants), disable=not progress, desc="sampling",
@@ -327,6 +329,29 @@ def _conditioning(
         return None, None
     cond = conditioner.condition(inputs, seeds)
     return cond, (conditioner.null(len(inputs)) if guided else None)
+
+
+def _preflight(
+    denoiser: Denoiser, conditioner: Conditioner, t: torch.Tensor, device: torch.device,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """One single-sample call under the null condition before any batch runs: a conditioner
+    whose output the denoiser cannot read (another width, channel count or format) is refused
+    with the reason here, not as a shape error from deep inside the first step."""
+    with torch.inference_mode():
+        null = conditioner.null(1)
+        if null is None:  # no null condition to try (and no guidance): the first step will tell
+            return
+        x = torch.zeros(1, *denoiser.sample_shape, device=device, dtype=dtype)
+        try:
+            denoiser(x, t.reshape(1), null)
+        except Exception as exc:  # whatever the plugin raised, the reason is the combination
+            given = {k: tuple(v.shape) for k, v in (null or {}).items()}
+            raise IncompatibleError(
+                f"the denoiser ({type(denoiser).__name__}, {denoiser.conditioning} "
+                "conditioning) cannot read what conditioner "
+                f"{conditioner.name or type(conditioner).__name__!r} gives ({given}): {exc}"
+            ) from None
 
 
 def _cat(a: Cond, b: Cond) -> Cond:

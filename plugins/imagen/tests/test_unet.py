@@ -116,3 +116,28 @@ def test_guidance_in_the_loop_equals_guidance_by_hand_for_every_sampler(sampler)
     torch.testing.assert_close(guided, by_hand, rtol=1e-4, atol=2e-4)
     plain = sample(model, scheduler, guidance=1.0, **kw)
     assert (guided - plain).abs().max() > 1e-3  # guidance changed something
+
+
+@pytest.mark.parametrize("case", ["text width", "image channels"])
+def test_a_conditioner_the_model_cannot_read_is_refused_before_the_first_step(case):
+    """check_compatible compares kinds; the loop's one-sample preflight catches the rest (a T5
+    of another width, an RGB condition for a grey stage) before any step runs."""
+    from diffplug.conditioners import LowResConditioner, LowResConfig
+
+    registry = default_registry()
+    if case == "text width":
+        model, _ = text_pair()
+        conditioner = TextConditioner(TextConfig(dim=48, heads=4, max_tokens=12)).eval()
+        conditions, match = ["seven"], "text embeddings of width 48"
+    else:
+        torch.manual_seed(0)
+        model = randomised(EfficientUNet(EfficientUNetConfig(size=16, width=16, low_size=8,
+                                                             cross_attention=[])))  # fmt: skip
+        conditioner = LowResConditioner(LowResConfig(low_size=8, channels=3))
+        conditions, match = [torch.zeros(3, 16, 16)], "shape \\(B, 1, h, w\\)"
+    steps = []
+    with pytest.raises(IncompatibleError, match=match) as info:
+        sample(model, registry.load("scheduler", "ddim")(), steps=5, seeds=[0],
+               conditioner=conditioner, conditions=conditions,
+               callback=steps.append)  # fmt: skip
+    assert "cannot read what conditioner" in str(info.value) and steps == []

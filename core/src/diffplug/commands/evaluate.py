@@ -103,6 +103,13 @@ def report(r: dict[str, Any], shape: tuple[int, ...]) -> str:
         f"than {r['memorisation_threshold']:.2f} (held-out digits: "
         f"{r['heldout_share'] * 100:.1f}%)   [<= 2x held-out: "
         f"{mark(checks['memorised_within_2x_heldout'])}]",
+    ]
+    if r.get("detail_ratio") is not None:
+        lines.append(
+            f"detail       {r['detail_ratio']:.2f}x real digits' (what an 8x8 round trip "
+            f"removes, at {h}x{w})   [<= 1.5x: {mark(checks['detail_within_1.5x_real'])}]"
+        )
+    lines += [
         f"nearest      median distance to a training image {r['median_nearest_train']:.2f} "
         f"(held-out digits: {r['heldout_median_nearest_train']:.2f})",
     ]

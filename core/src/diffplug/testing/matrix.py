@@ -27,6 +27,7 @@ class Cell:
     digits_fd: float | None = None
     floor: float | None = None
     accuracy: float | None = None  # share classified as the prompt's digit (text models)
+    detail_ratio: float | None = None  # full-resolution detail vs real digits' (S > 8 only)
 
     @property
     def fd_ratio(self) -> float | None:
@@ -82,6 +83,7 @@ def run_cell(sampler: str, model: str, n: int = 200, steps: int | None = None,
                     autoencoder=autoencoder, batch_size=250)  # fmt: skip
     scores = evaluate(images)
     cell.digits_fd, cell.floor = scores["digits_fd"], scores["floor"]
+    cell.detail_ratio = scores["detail_ratio"]
     if labels is not None:
         with torch.no_grad():
             predicted = load_classifier()(to_digits(images)).argmax(1)
@@ -90,8 +92,15 @@ def run_cell(sampler: str, model: str, n: int = 200, steps: int | None = None,
 
 
 def cells(registry: Any = None) -> list[tuple[str, str]]:
-    """(sampler, model) for every installed sampler and pretrained model."""
+    """(sampler, model) for every installed sampler and pretrained denoiser (autoencoders such
+    as vae-digits are components of latent models, not models to sample)."""
+    from diffplug.checkpoint import read_metadata
     from diffplug.registry import default_registry
 
     registry = registry or default_registry()
-    return [(s, m) for m in registry.names("pretrained") for s in registry.names("scheduler")]
+
+    def kind(model: str) -> str:
+        return read_metadata(registry.get("pretrained", model).load())["kind"]
+
+    models = [m for m in registry.names("pretrained") if kind(m) == "denoiser"]
+    return [(s, m) for m in models for s in registry.names("scheduler")]
