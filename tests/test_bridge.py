@@ -25,6 +25,7 @@ from diffplug.vp import VP, VPConfig
 from diffplug_adm.process import Decoupled
 from diffplug_adm.scheduler import ADM
 from diffplug_ddim.scheduler import DDIM
+from diffplug_dpmsolver.sampler import DPMSolver2M
 
 F64 = torch.float64
 VP_LINEAR = {"name": "vp"}
@@ -54,9 +55,16 @@ def _x0_eps_bridged(plan, oracle, x, i):
         (VP_LINEAR, DECOUPLED, ADM()),
         (VP_LINEAR, DECOUPLED, ADM.from_options(deterministic=True)),
         (DECOUPLED, VP_LINEAR, DDIM.from_options(spacing="trailing")),
+        (DECOUPLED, VP_LINEAR, DPMSolver2M()),
         ({"name": "vp", "beta_schedule": "squaredcos_cap_v2"}, VP_LINEAR, DDIM()),
     ],
-    ids=["vp->adm", "vp->adm-deterministic", "decoupled->ddim", "cosine->linear"],
+    ids=[
+        "vp->adm",
+        "vp->adm-deterministic",
+        "decoupled->ddim",
+        "decoupled->dpmpp-2m",
+        "cosine->linear",
+    ],  # fmt: skip
 )
 def test_the_bridged_oracle_is_the_oracle_of_the_other_process(source, target, sampler):
     """At every step whose SNR the model's process covers, the bridged plan turns the model
@@ -138,8 +146,13 @@ def test_planning_process_bridges_only_when_needed():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "oracle_process, sampler",
-    [(DECOUPLED, DDIM()), (DECOUPLED, DDIM.from_options(eta=1.0)), (VP_LINEAR, ADM())],
-    ids=["ddim-on-decoupled", "ddim-eta1-on-decoupled", "adm-on-vp"],
+    [
+        (DECOUPLED, DDIM()),
+        (DECOUPLED, DDIM.from_options(eta=1.0)),
+        (DECOUPLED, DPMSolver2M()),
+        (VP_LINEAR, ADM()),
+    ],
+    ids=["ddim-on-decoupled", "ddim-eta1-on-decoupled", "dpmpp-2m-on-decoupled", "adm-on-vp"],
 )
 def test_a_foreign_sampler_draws_the_mixture(oracle_process, sampler):
     """1000 steps of a sampler of the other process draw the mixture's mean, covariance and

@@ -94,6 +94,8 @@ def diffusers_loop(name, options, den, steps, seed, multiply=False):
     cls = getattr(diffusers, name)
     init_params = inspect.signature(cls.__init__).parameters
     init = {k: v for k, v in options.items() if k in init_params}
+    if "clip_sample" in init_params:
+        init.setdefault("clip_sample", False)  # the bridge's default (diffplug never clips unasked)
     step_kw = {k: v for k, v in options.items() if k not in init_params}
     sched = cls(**init, **BETAS)
     sched.set_timesteps(steps)
@@ -395,3 +397,20 @@ def test_thresholding_reaches_the_scheduler_through_eps_hat(diff, noise):
     unclipped = diffusers_loop("DDIMScheduler", opts, den, 10, seed=5)
     assert diff(got, want) <= 1e-5
     assert diff(want, unclipped) > 1e-3  # the clip mattered
+
+
+def test_the_bridge_clips_x0_only_when_asked():
+    """A latent model's x0 is not in [-1, 1]: DDIMScheduler's default clip_sample is off under
+    diffplug, as for diffplug's own ddim; {"clip_sample": true} turns it back on."""
+
+    class Constant(Denoiser):
+        Config = DenoiserConfig
+
+        def forward(self, x, t, cond=None):
+            return torch.full_like(x, 2.5)
+
+    model = Constant(DenoiserConfig(size=4, prediction="x0"))
+    free = sample(model, wrapper("DDIMScheduler"), steps=10, seeds=[0, 1])
+    clipped = sample(model, wrapper("DDIMScheduler", {"clip_sample": True}), steps=10, seeds=[0])
+    torch.testing.assert_close(free, torch.full_like(free, 2.5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(clipped, torch.ones_like(clipped), rtol=0, atol=1e-5)

@@ -333,6 +333,10 @@ class DiffusersScheduler(Scheduler):
             raise OptionError(f"sampler diffusers: {cls.__name__} is not supported: {problem}")
         self.cls = cls
         self.init_options, self.step_options = parse_options(cls, self.config.scheduler_options)
+        if "clip_sample" in inspect.signature(cls.__init__).parameters:
+            # diffplug samplers clip only when asked: a latent model's x0 is not in [-1, 1]
+            # (DDIM's default clipping wrecks adm-latent-digits: FD 9x the floor)
+            self.init_options.setdefault("clip_sample", False)
         try:  # options diffusers itself refuses are refused now, not at the first step
             probe = cls(**self.init_options)
         except Exception as exc:

@@ -58,6 +58,11 @@ class DPMSolver2M(Scheduler):
     def supports(self, process: Process) -> str | None:
         return None if isinstance(process, VP) else "needs a discrete VP process"
 
+    def native_process(self) -> Process | None:
+        """The process the plan is written for: core bridges a model of any other process
+        (ADM's) to it by matching signal-to-noise ratios, with no code here."""
+        return VP()
+
     def plan(self, process: Process, steps: int) -> Plan:
         if not isinstance(process, VP):
             raise UserError("dpmpp-2m needs a discrete VP process")
