@@ -1,42 +1,70 @@
 """Every installed sampler on every shipped model: samples scored, or the refusal's reason.
 
-The table in docs/benchmarks.md (and docs/concepts.md's summary) comes from here;
+The table in docs/benchmarks.md (linked from docs/concepts.md) comes from here;
 ``tests/test_matrix.py`` runs the same cells with the bounds the docs state.
 """
 
 from __future__ import annotations
 
+import time
+
 from benchmarks.common import machine, table
-from diffplug.testing.matrix import cells, run_cell
+from diffplug.registry import default_registry
+from diffplug.testing.matrix import Cell, cells, run_cell
 
 N, STEPS = 200, 20
 
 
+def score(cell: Cell) -> str:
+    """FD / floor, then detail (models above 8x8) and accuracy (text models) where measured."""
+    parts = [f"{cell.fd_ratio:.2f}"]
+    if cell.detail_ratio is not None:
+        parts.append(f"d {cell.detail_ratio:.2f}")
+    if cell.accuracy is not None:
+        parts.append(f"{100 * cell.accuracy:.0f}%")
+    return ", ".join(parts)
+
+
 def run() -> str:
-    rows = []
+    samplers = default_registry().names("scheduler")
+    results: dict[str, dict[str, Cell]] = {}
+    refusals: list[str] = []
+    start = time.perf_counter()
     for sampler, model in cells():
         cell = run_cell(sampler, model, n=N, steps=STEPS)
-        if cell.refused:
-            rows.append([sampler, model, cell.conditioning, cell.space, "refused: " + cell.refused,
-                         "", "", ""])  # fmt: skip
-        else:
-            acc = "" if cell.accuracy is None else f"{100 * cell.accuracy:.0f}%"
-            detail = "" if cell.detail_ratio is None else f"{cell.detail_ratio:.2f}"
-            rows.append([sampler, model, cell.conditioning, cell.space, f"{cell.digits_fd:.1f}",
-                         f"{cell.fd_ratio:.2f}", detail, acc])  # fmt: skip
-        print(rows[-1], flush=True)
+        results.setdefault(model, {})[sampler] = cell
+        print(cell, flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    rows = []
+    for model, by_sampler in results.items():
+        first = next(iter(by_sampler.values()))
+        row: list[object] = [f"`{model}`", first.conditioning, first.space]
+        for sampler in samplers:
+            cell = by_sampler[sampler]
+            if cell.refused:
+                refusals.append(f"{len(refusals) + 1}. `{sampler}` on `{model}`: {cell.refused}")
+                row.append(f"refused ({len(refusals)})")
+            else:
+                row.append(score(cell))
+        rows.append(row)
+    reasons = "\n".join(refusals) if refusals else "No cell is refused."
     return "\n\n".join([
         f"### Sampler x model matrix ({machine()})",
-        f"{N} samples per cell, {STEPS} steps, each model conditioned as it was trained (text "
-        "models: \"a handwritten <digit>\" cycling through the digits, at the model's recorded "
-        "guidance; super-resolution models: the held-out real digits, 8x8). FD ratio = digits FD "
-        f"/ the real-vs-real floor at {N} samples; detail = what an 8x8 round trip removes from "
-        "a sample larger than 8x8, over the same for real digits (noise a sampler leaves at "
-        "full resolution, which the 8x8 FD cannot see); accuracy = share showing the prompt's "
-        "digit. Bounds (`tests/test_matrix.py`): FD / floor <= 3 (12 for the mixture oracle), "
-        "detail <= 1.5, accuracy >= 80%.",
-        table(["sampler", "model", "conditioning", "space", "digits FD", "FD / floor",
-               "detail", "accuracy"], rows),
+        f"Every installed sampler on every shipped model, {N} samples per cell, {STEPS} steps "
+        f"({minutes:.0f} minutes in all): `uv run python benchmarks/run.py matrix`. Each model "
+        "is conditioned as it was trained: text models get \"a handwritten <digit>\" cycling "
+        "through the digits at the model's recorded guidance, super-resolution models the "
+        "held-out real digits at 8x8, latent models are decoded by their recorded autoencoder. "
+        "A sampler of another process is bridged (see concepts).",
+        "Each cell: digits FD / the real-vs-real floor at the same number of samples; `d`: "
+        "detail, what an 8x8 round trip removes from a sample larger than 8x8 over the same "
+        "for real digits (noise left at full resolution, which the 8x8 FD cannot see); a "
+        "percentage: share of samples the classifier reads as the prompted digit. "
+        "`tests/test_matrix.py` runs every cell at 100 samples and asserts FD / floor <= 3 "
+        "(12 for the mixture oracle, which is not digits), detail <= 1.5, accuracy >= 80%, "
+        "or a refusal with its reason before the first step.",
+        table(["model", "conditioning", "space", *samplers], rows),
+        reasons,
     ])  # fmt: skip
 
 

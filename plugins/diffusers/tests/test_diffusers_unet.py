@@ -296,6 +296,35 @@ def test_text_unet_samples_with_guidance_under_ddim(make_text_unet):
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_run_puts_another_plugins_conditioner_under_an_imported_text_unet(make_text_unet, tmp_path):
+    """An imported text UNet records no text encoder; `run --conditioner` supplies one (here
+    diffplug-imagen's, at the UNet's width), a wrong width is refused before any step, and a
+    conditioner on an unconditional model is refused by kind."""
+    from diffplug.checkpoint import save_component
+    from diffplug.output import read_recipe
+
+    if text_conditioner(16) is None:
+        pytest.skip("no diffplug text conditioner installed (diffplug-imagen)")
+    model = tmp_path / "text-unet.safetensors"
+    save_component(DiffusersUNet.from_unet(make_text_unet(seed=3, width=16)), model,
+                   kind="denoiser")  # fmt: skip
+    common = ["run", "--model", str(model), "--sampler", "ddim", "--steps", "3", "-q",
+              "--num-samples", "2", "--conditioner", "text", "--heads", "4", "--layers", "1",
+              "--prompt", "a seven", "--guidance", "2"]  # fmt: skip
+    out = tmp_path / "s.safetensors"
+    result = run_cli(*common, "--dim", "16", "-o", str(out))
+    assert result.code == 0, result.err
+    recipe = read_recipe(out)
+    assert recipe["conditioner"]["name"] == "text" and recipe["conditioner"]["dim"] == 16
+    assert recipe["guidance"] == 2.0
+    wrong = run_cli(*common, "--dim", "12", "-o", str(tmp_path / "w.safetensors"))
+    assert_clean_error(wrong, "cannot read what conditioner 'text'")
+    assert not (tmp_path / "w.safetensors").exists()
+    plain = run_cli("run", "--model", "ddpm-digits", "--sampler", "ddim", "--conditioner",
+                    "text", "--prompt", "7", "-o", str(tmp_path / "p.png"))  # fmt: skip
+    assert_clean_error(plain, "takes no conditioning; conditioner text gives text")
+
+
 def test_text_width_mismatch_is_refused(make_text_unet):
     model = DiffusersUNet.from_unet(make_text_unet(seed=9, width=16))
     cond = text_cond(12)

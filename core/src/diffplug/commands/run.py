@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from diffplug.errors import UserError
+from diffplug.errors import IncompatibleError, UserError
 
 
 @click.command(
@@ -20,6 +20,11 @@ from diffplug.errors import UserError
 @click.option("--sampler", help="sampler name (`diffplug list samplers`); not with --pipeline")
 @click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
 @click.option("--pipeline", help="a whole recipe instead (`diffplug list pipelines`), e.g. imagen")
+@click.option(
+    "--conditioner",
+    help="use this conditioner instead of the one the model was trained with (e.g. t5 --path "
+    "DIR for an imported diffusers text UNet); its options go to it",
+)
 @click.option(
     "--prompt",
     "prompts",
@@ -83,10 +88,10 @@ def run(ctx: click.Context, **kw: Any) -> None:
     if kw["num_samples"] is None:
         kw["num_samples"] = len(prompts) if len(prompts) > 1 else 64
     if kw["pipeline"] is not None:
-        if kw["sampler"] or kw["model"] or kw["condition_images"]:
+        if kw["sampler"] or kw["model"] or kw["condition_images"] or kw["conditioner"]:
             raise UserError(
-                "--pipeline runs its own stages: --sampler, --model and --condition-images "
-                "are its options (`diffplug info PIPELINE`)"
+                "--pipeline runs its own stages: --sampler, --model, --conditioner and "
+                "--condition-images are its options (`diffplug info PIPELINE`)"
             )
         # the loop's own options, given, set the pipeline's (base stage) ones
         shared = {"guidance": "guidance", "threshold": "threshold",
@@ -167,7 +172,11 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
     device = distributed.local_device(_device(kw["device"]))
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
-    conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts)
+    chosen = None
+    if kw["conditioner"]:
+        chosen = _build_conditioner(registry, kw["conditioner"], conditioner_options, denoiser)
+        conditioner_options = {}
+    conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts, chosen)
     from diffplug.latent import recorded_autoencoder
 
     autoencoder = recorded_autoencoder(denoiser, registry)  # latent models decode through it
@@ -266,13 +275,44 @@ def _split_options(
     return mine, {k: v for k, v in options.items() if k not in owned}
 
 
+def _build_conditioner(registry: Any, name: str, options: dict[str, str], denoiser: Any) -> Any:
+    """``--conditioner NAME`` with its options; the shape of the model's condition image
+    (channels, low-res side) is inherited where the conditioner has such options."""
+    from diffplug.options import build_config, describe
+
+    entry = registry.get("conditioner", name)
+    cls = entry.load()
+    known = {o.name for o in describe(cls.Config)}
+    inherited = {"channels": denoiser.sample_shape[0],
+                 "low_size": getattr(denoiser.config, "low_size", None)}  # fmt: skip
+    given = {k: v for k, v in inherited.items() if k in known and v}
+    conditioner = entry.construct(
+        build_config(cls.Config, {**given, **options}, owner=f"conditioner {entry.name!r}")
+    )
+    conditioner.name = entry.name
+    return conditioner.eval()
+
+
 def _conditions(
-    registry: Any, denoiser: Any, label: str, kw: dict[str, Any], prompts: list[str]
+    registry: Any,
+    denoiser: Any,
+    label: str,
+    kw: dict[str, Any],
+    prompts: list[str],
+    chosen: Any = None,
 ) -> tuple[Any, Any]:
-    """The model's recorded conditioner and one input per sample (prompts or images)."""
+    """The chosen or the model's recorded conditioner, and one input per sample (prompts or
+    images)."""
     from diffplug.conditioners import load_condition_images, recorded_conditioner
 
-    conditioner = recorded_conditioner(denoiser, registry)
+    conditioner = chosen if chosen is not None else recorded_conditioner(denoiser, registry)
+    if conditioner is not None and conditioner.kind != denoiser.conditioning:
+        raise IncompatibleError(
+            f"model {label} takes {denoiser.conditioning or 'no'} conditioning; conditioner "
+            f"{conditioner.name} gives {conditioner.kind or 'none'}"
+        )
+    if conditioner is not None and conditioner.kind is None:
+        conditioner = None  # --conditioner none on an unconditional model
     kind = getattr(conditioner, "kind", None)
     if prompts and kind != "text":
         raise UserError(f"--prompt: model {label} is not text-conditional")
