@@ -13,6 +13,7 @@ from diffplug.output import read_recipe
 from diffplug.registry import default_registry
 from diffplug.resolve import load_model
 from diffplug.sampling import sample
+from diffplug.transforms import StaticThreshold
 from diffplug_ddim.scheduler import DDIM
 from diffplug_vae.model import KLVAE, KLVAEConfig
 
@@ -70,6 +71,14 @@ def test_mismatched_spaces_are_refused_before_the_first_step(latent_model):
     pixel, _ = load_model(registry, "ddpm-digits")
     with pytest.raises(IncompatibleError, match="works in pixel space"):
         sample(pixel, DDIM(), steps=2, seeds=[0], autoencoder=own)
+    # clipping x0_hat to [-1, 1] is a pixel-space idea: latents have no such range
+    steps = []
+    for kw in ({"transforms": [StaticThreshold()]}, {}):
+        sampler = DDIM.from_options(clip_sample=not kw)
+        with pytest.raises(IncompatibleError, match="latent of its autoencoder"):
+            sample(model, sampler, steps=2, seeds=[0], autoencoder=own, callback=steps.append,
+                   **kw)  # fmt: skip
+    assert steps == []
 
 
 def test_a_latent_model_whose_autoencoder_is_gone_fails_cleanly(latent_model, tmp_path):

@@ -169,6 +169,12 @@ def sample(
     plan = scheduler.plan(process, steps)
     if process is not denoiser.process:  # a model of another process: bridged, once per run
         plan = bridge_plan(plan, denoiser.process)
+    if (transforms or plan.transforms) and not _pixel_space(autoencoder):
+        raise IncompatibleError(
+            "thresholding and --clip-sample clip x0_hat to the pixel range [-1, 1], but this "
+            "model's x0 is a latent of its autoencoder, which has no such range; sample it "
+            "without them"
+        )
     tables = fold(plan, denoiser.prediction)
     fused = plan.linear and not plan.transforms and not transforms and callback is None
     n = len(plan)
@@ -329,6 +335,10 @@ def _conditioning(
         return None, None
     cond = conditioner.condition(inputs, seeds)
     return cond, (conditioner.null(len(inputs)) if guided else None)
+
+
+def _pixel_space(autoencoder: Autoencoder | None) -> bool:
+    return autoencoder is None or getattr(autoencoder, "is_identity", False)
 
 
 def _preflight(

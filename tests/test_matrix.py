@@ -1,0 +1,58 @@
+"""Every installed sampler x every shipped model: each cell samples within its stated digits-FD
+bound, or is refused before the first step with a reason (docs/benchmarks.md has the table).
+
+Cells are conditioned as their model was trained (``diffplug.testing.matrix``): unconditional,
+text prompts naming each digit, or real low-resolution digits for super-resolution stages.
+"""
+
+import pytest
+
+from diffplug.registry import default_registry
+from diffplug.testing.matrix import cells, run_cell
+from diffplug.testing.threads import torch_threads
+
+N, STEPS = 100, 20
+#: FD / floor bound per model at N samples and STEPS steps; the oracle is a Gaussian mixture
+#: at the class means, not digits, so its bound only says that sampling found the mixture.
+BOUND = {"gmm-digits": 12.0}
+DEFAULT_BOUND = 3.0
+#: text-conditional cells must also draw the prompted digit
+MIN_ACCURACY = 0.8
+#: models above 8x8: no more full-resolution detail than real digits have, give or take half
+#: (digits FD is computed at 8x8 and cannot see noise left at 32x32)
+MAX_DETAIL = 1.5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler, model", cells(default_registry()))
+def test_cell_samples_within_its_bound_or_is_refused_with_a_reason(sampler, model):
+    cell = run_cell(sampler, model, n=N, steps=STEPS)
+    if cell.refused is not None:
+        assert len(cell.refused) > 20 and "Traceback" not in cell.refused
+        return
+    assert cell.fd_ratio is not None and cell.fd_ratio <= BOUND.get(model, DEFAULT_BOUND), cell
+    assert cell.detail_ratio is None or cell.detail_ratio <= MAX_DETAIL, cell
+    if cell.conditioning == "text":
+        assert cell.accuracy is not None and cell.accuracy >= MIN_ACCURACY, cell
+
+
+def test_the_matrix_covers_every_conditioning_in_pixel_and_latent_space():
+    """The shipped models span {none, text, image} in pixel space and {none, text} in latent
+    space (a latent super-resolution stage would need a second, larger autoencoder)."""
+    from diffplug.checkpoint import read_metadata
+
+    registry = default_registry()
+    kinds = set()
+    for _, model in cells(registry):
+        meta = read_metadata(registry.get("pretrained", model).load())
+        space = "latent" if meta.get("extra", {}).get("autoencoder") else "pixel"
+        kinds.add((meta["config"].get("conditioning") or "none", space))
+    assert {("none", "pixel"), ("text", "pixel"), ("image", "pixel")} <= kinds
+    assert {("none", "latent"), ("text", "latent")} <= kinds
+    assert len(registry.names("scheduler")) >= 5  # ddpm, ddim, adm, dpmpp-2m, diffusers
