@@ -24,6 +24,7 @@ ALL = [
     "imagen",
     "noise_aug",
     "vae",
+    "latent",
     "matrix",
 ]
 
