@@ -356,7 +356,7 @@ def _preflight(
         try:
             denoiser(x, t.reshape(1), null)
         except Exception as exc:  # whatever the plugin raised, the reason is the combination
-            given = {k: tuple(v.shape) for k, v in (null or {}).items()}
+            given = {k: tuple(v.shape) for k, v in null.items()}
             raise IncompatibleError(
                 f"the denoiser ({type(denoiser).__name__}, {denoiser.conditioning} "
                 "conditioning) cannot read what conditioner "
