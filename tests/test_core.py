@@ -156,6 +156,28 @@ def test_callbacks_see_every_step_and_x0():
     torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)  # unfused path == fused path
 
 
+def test_a_stateful_plan_begins_every_batch_afresh():
+    """Plan.begin runs before each batch's first step with that batch's x, so history kept by
+    a multistep plan never crosses batches: batch size does not change the samples."""
+
+    class Counting(DDIM):
+        def plan(self, process, steps):
+            plan = super().plan(process, steps)
+            plan.__class__ = type("CountingPlan", (type(plan),), {
+                "linear": False,
+                "begin": lambda self, x: begun.append(tuple(x.shape)),
+            })  # fmt: skip
+            return plan
+
+    begun = []
+    whole = sample(dummy_denoiser(), Counting(), steps=3, seeds=[0, 1, 2, 3, 4])
+    assert begun == [(5, 1, 4, 4)]
+    begun.clear()
+    split = sample(dummy_denoiser(), Counting(), steps=3, seeds=[0, 1, 2, 3, 4], batch_size=2)
+    assert begun == [(2, 1, 4, 4), (2, 1, 4, 4), (1, 1, 4, 4)]
+    torch.testing.assert_close(whole, split, rtol=0, atol=0)
+
+
 def test_guidance_combines_conditional_and_unconditional_predictions():
     from diffplug.components import Conditioner, DenoiserConfig
 

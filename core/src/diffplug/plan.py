@@ -7,7 +7,8 @@ Almost every diffusion sampler's step is linear in (x_t, x0_hat, eps_hat, z):
 so a sampler is a short function that fills these tables once per run (DDPM, DDIM and ADM's
 posterior steps all fit). The loop folds them with the prediction conversion into two or
 three fused tensor ops per step: no per-step schedule work, no host-device sync. A sampler
-whose step is not linear (multistep, Heun) subclasses ``Plan`` and overrides ``update``.
+whose step is not linear (multistep, Heun) subclasses ``Plan`` and overrides ``update`` (and
+``begin``, where it keeps history).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def begin(self, x: torch.Tensor) -> None:
+        """Called with a batch's starting x before its first step: every batch, every best-of
+        variant, and the replay that locates a NaN. A plan that keeps history across steps
+        (a multistep solver's previous x0_hat) starts it afresh here, so none crosses batches."""
 
     def noisy(self, i: int) -> bool:
         """Whether step ``i`` draws fresh noise (known on the host: no sync)."""

@@ -287,6 +287,7 @@ class _Loop:
             )  # fmt: skip
         )
         x = src.initial().to(device=self.device, dtype=self.dtype) * plan.init_scale
+        plan.begin(x)
         times = [t.expand(size) for t in self.times]  # views, made once per batch
         noisy = [plan.noisy(i) for i in range(len(plan))]
         scale = plan.model_scale

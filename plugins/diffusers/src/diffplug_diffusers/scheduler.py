@@ -237,11 +237,12 @@ class DiffusersPlan(Plan):
             raise UserError(f"{self.scheduler_cls.__name__}: {exc}") from None
         return sched
 
+    def begin(self, x: torch.Tensor) -> None:
+        self._scheduler = self.fresh_scheduler(x.device)  # every batch: a scheduler without history
+
     def update(
         self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
     ) -> torch.Tensor:
-        if i == 0:  # every batch (and replay) starts here: a scheduler without history
-            self._scheduler = self.fresh_scheduler(x.device)
         sched = self._scheduler
         if self.prediction_type == "epsilon":
             out = eps

@@ -36,11 +36,12 @@ class MultistepPlan(Plan):
     lam: list[float] | None = None
     linear = False
 
+    def begin(self, x: torch.Tensor) -> None:
+        self._prev: torch.Tensor | None = None  # no history crosses batches
+
     def update(
         self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
     ) -> torch.Tensor:
-        if i == 0:
-            self._prev: torch.Tensor | None = None
         d = x0
         last = i == len(self) - 1
         if self._prev is not None and not last and self.lam is not None:
