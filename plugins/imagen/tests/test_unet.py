@@ -118,7 +118,7 @@ def test_guidance_in_the_loop_equals_guidance_by_hand_for_every_sampler(sampler)
     assert (guided - plain).abs().max() > 1e-3  # guidance changed something
 
 
-@pytest.mark.parametrize("case", ["text width", "image channels"])
+@pytest.mark.parametrize("case", ["text width", "image channels", "image size"])
 def test_a_conditioner_the_model_cannot_read_is_refused_before_the_first_step(case):
     """check_compatible compares kinds; the loop's one-sample preflight catches the rest (a T5
     of another width, an RGB condition for a grey stage) before any step runs."""
@@ -133,8 +133,12 @@ def test_a_conditioner_the_model_cannot_read_is_refused_before_the_first_step(ca
         torch.manual_seed(0)
         model = randomised(EfficientUNet(EfficientUNetConfig(size=16, width=16, low_size=8,
                                                              cross_attention=[])))  # fmt: skip
-        conditioner = LowResConditioner(LowResConfig(low_size=8, channels=3))
-        conditions, match = [torch.zeros(3, 16, 16)], "shape \\(B, 1, h, w\\)"
+        if case == "image channels":
+            conditioner = LowResConditioner(LowResConfig(low_size=8, channels=3))
+            conditions, match = [torch.zeros(3, 16, 16)], "shape \\(B, 1, h, w\\)"
+        else:
+            conditioner = LowResConditioner(LowResConfig(low_size=4, channels=1))
+            conditions, match = [torch.zeros(1, 16, 16)], "trained on 8x8 conditions; got 4x4"
     steps = []
     with pytest.raises(IncompatibleError, match=match) as info:
         sample(model, registry.load("scheduler", "ddim")(), steps=5, seeds=[0],

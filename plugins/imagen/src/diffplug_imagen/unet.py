@@ -200,6 +200,12 @@ class EfficientUNet(Denoiser):
                 f"efficient-unet: a super-resolution stage needs cond['image'] of shape "
                 f"(B, {cfg.low_channels}, h, w); got {got}"
             )
+        if tuple(image.shape[-2:]) != (cfg.low_size, cfg.low_size):
+            raise IncompatibleError(
+                f"efficient-unet: this stage was trained on {cfg.low_size}x{cfg.low_size} "
+                f"conditions; got {image.shape[-2]}x{image.shape[-1]} (a conditioner's "
+                "--low-size must be the model's)"
+            )
         up = F.interpolate(image.to(x.dtype), size=x.shape[-2:], mode="bilinear",
                            align_corners=False)  # fmt: skip
         level = cond.get("aug_level") if cond is not None else None
