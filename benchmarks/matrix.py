@@ -27,35 +27,40 @@ def score(cell: Cell) -> str:
 
 def run() -> str:
     samplers = default_registry().names("scheduler")
-    results: dict[str, dict[str, Cell]] = {}
-    refusals: list[str] = []
+    results: dict[tuple[str, str], dict[str, Cell]] = {}
+    reasons: dict[str, int] = {}  # refusal text -> footnote number (one per distinct reason)
     start = time.perf_counter()
-    for sampler, model in cells():
-        cell = run_cell(sampler, model, n=N, steps=STEPS)
-        results.setdefault(model, {})[sampler] = cell
+    for sampler, model, mode in cells():
+        cell = run_cell(sampler, model, mode, n=N, steps=STEPS)
+        results.setdefault((model, mode), {})[sampler] = cell
         print(cell, flush=True)
     minutes = (time.perf_counter() - start) / 60
     rows = []
-    for model, by_sampler in results.items():
+    for (model, mode), by_sampler in results.items():
         first = next(iter(by_sampler.values()))
-        row: list[object] = [f"`{model}`", first.conditioning, first.space]
+        row: list[object] = [f"`{model}`", first.conditioning, first.space, mode]
         for sampler in samplers:
             cell = by_sampler[sampler]
             if cell.refused:
-                refusals.append(f"{len(refusals) + 1}. `{sampler}` on `{model}`: {cell.refused}")
-                row.append(f"refused ({len(refusals)})")
+                number = reasons.setdefault(cell.refused, len(reasons) + 1)
+                row.append(f"refused ({number})")
             else:
                 row.append(score(cell))
         rows.append(row)
-    reasons = "\n".join(refusals) if refusals else "No cell is refused."
+    sampled = sum(not c.refused for row in results.values() for c in row.values())
+    total = sum(len(row) for row in results.values())
+    notes = "\n".join(f"{k}. {reason}" for reason, k in reasons.items())
     return "\n\n".join([
         f"### Sampler x model matrix ({machine()})",
-        f"Every installed sampler on every shipped model, {N} samples per cell, {STEPS} steps "
-        f"({minutes:.0f} minutes in all): `uv run python benchmarks/run.py matrix`. Each model "
-        "is conditioned as it was trained: text models get \"a handwritten <digit>\" cycling "
-        "through the digits at the model's recorded guidance, super-resolution models the "
-        "held-out real digits at 8x8, latent models are decoded by their recorded autoencoder. "
-        "A sampler of another process is bridged (see concepts).",
+        f"Every installed sampler x every shipped model x {{unconditional, conditional}}: "
+        f"{sampled} of {total} cells sample, the rest are refused before the first step "
+        f"({N} samples per cell, {STEPS} steps, {minutes:.0f} minutes in all: "
+        "`uv run python benchmarks/run.py matrix`). A conditional cell conditions the model as "
+        "it was trained (text models: \"a handwritten <digit>\" cycling through the digits at "
+        "the model's recorded guidance; super-resolution models: the held-out real digits at "
+        "8x8) and gives an unconditional model core's `lowres` image conditioner; an "
+        "unconditional cell gives no conditioner. Latent models are decoded by their recorded "
+        "autoencoder; a sampler of another process is bridged (see concepts).",
         "Each cell: digits FD / the real-vs-real floor at the same number of samples; `d`: "
         "detail, what an 8x8 round trip removes from a sample larger than 8x8 over the same "
         "for real digits (noise left at full resolution, which the 8x8 FD cannot see); a "
@@ -63,8 +68,8 @@ def run() -> str:
         "`tests/test_matrix.py` runs every cell at 100 samples and asserts FD / floor <= 3 "
         "(12 for the mixture oracle, which is not digits), detail <= 1.5, accuracy >= 80%, "
         "or a refusal with its reason before the first step.",
-        table(["model", "conditioning", "space", *samplers], rows),
-        reasons,
+        table(["model", "takes", "space", "cell", *samplers], rows),
+        "Refusals, as core words them:\n\n" + notes if notes else "No cell is refused.",
     ])  # fmt: skip
 
 

@@ -1,8 +1,10 @@
-"""Every installed sampler x every shipped model: each cell samples within its stated digits-FD
-bound, or is refused before the first step with a reason (docs/benchmarks.md has the table).
+"""Every installed sampler x every shipped model x {unconditional, conditional}: each cell
+samples within its stated digits-FD bound, or is refused before the first step with a reason
+(docs/benchmarks.md has the table).
 
-Cells are conditioned as their model was trained (``diffplug.testing.matrix``): unconditional,
-text prompts naming each digit, or real low-resolution digits for super-resolution stages.
+Conditional cells are conditioned as their model was trained (``diffplug.testing.matrix``):
+text prompts naming each digit, or real low-resolution digits for super-resolution stages; an
+unconditional model is given an image condition. Unconditional cells give no conditioner.
 """
 
 import pytest
@@ -30,9 +32,14 @@ def _one_thread():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler, model", cells(default_registry()))
-def test_cell_samples_within_its_bound_or_is_refused_with_a_reason(sampler, model):
-    cell = run_cell(sampler, model, n=N, steps=STEPS)
+@pytest.mark.parametrize("sampler, model, mode", cells(default_registry()))
+def test_cell_samples_within_its_bound_or_is_refused_with_a_reason(sampler, model, mode):
+    cell = run_cell(sampler, model, mode, n=N, steps=STEPS)
+    as_trained = (mode == "conditional") == (cell.conditioning != "none")
+    if not as_trained:  # a text or image condition for an unconditional model, or none for a
+        # conditional one: core refuses it before any step, naming both sides
+        assert cell.refused is not None and "conditioning" in cell.refused, cell
+        return
     if cell.refused is not None:
         assert len(cell.refused) > 20 and "Traceback" not in cell.refused
         return
@@ -49,7 +56,7 @@ def test_the_matrix_covers_every_conditioning_in_pixel_and_latent_space():
 
     registry = default_registry()
     kinds = set()
-    for _, model in cells(registry):
+    for _, model, _ in cells(registry):
         meta = read_metadata(registry.get("pretrained", model).load())
         space = "latent" if meta.get("extra", {}).get("autoencoder") else "pixel"
         kinds.add((meta["config"].get("conditioning") or "none", space))

@@ -115,11 +115,23 @@ def check_compatible(
     check_autoencoder(denoiser, autoencoder)
     wanted = denoiser.conditioning
     given = getattr(conditioner, "kind", None)
-    if wanted != given and not (wanted is None and given is None):
+    if wanted == given:
+        return
+    if given is None:
         raise IncompatibleError(
-            f"the denoiser expects {wanted or 'no'} conditioning but the conditioner gives "
-            f"{given or 'none'}"
+            f"the denoiser takes {wanted} conditioning but none is given: sample it with a "
+            f"{wanted} conditioner and its inputs (`diffplug run` supplies the one the model was "
+            "trained with)"
         )
+    name = getattr(conditioner, "name", "") or type(conditioner).__name__
+    if wanted is None:
+        raise IncompatibleError(
+            f"the denoiser is unconditional but conditioner {name!r} gives {given} "
+            "conditioning: sample it without a conditioner"
+        )
+    raise IncompatibleError(
+        f"the denoiser takes {wanted} conditioning but conditioner {name!r} gives {given}"
+    )
 
 
 def sample(

@@ -1,10 +1,13 @@
-"""The interoperability matrix: every installed sampler on every installed pretrained model.
+"""The interoperability matrix: every installed sampler x every installed pretrained model x
+{unconditional, conditional}.
 
-A cell either samples (conditioned the way the model was trained: prompts naming each digit
-for a text model, real held-out digits shrunk for a super-resolution model, nothing for an
-unconditional one; decoded when the model lives in an autoencoder's latents) and is scored by
-the digits evaluator, or is refused by the compatibility check before any step, with the
-reason. ``tests/test_matrix.py`` asserts each cell; ``benchmarks/matrix.py`` prints the table.
+A conditional cell conditions the model the way it was trained (prompts naming each digit for
+a text model, real held-out digits shrunk for a super-resolution model) and gives an
+unconditional model core's image conditioner; an unconditional cell gives no conditioner.
+Latent models are decoded by their recorded autoencoder. Each cell either samples and is
+scored by the digits evaluator, or is refused by core's compatibility check before any step,
+with the reason. ``tests/test_matrix.py`` asserts each cell; ``benchmarks/matrix.py`` prints
+the table.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import torch
 
 from diffplug.errors import IncompatibleError
 
+MODES = ("unconditional", "conditional")
+
 
 @dataclass
 class Cell:
     sampler: str
     model: str
-    conditioning: str  # "none", "text" or "image"
+    mode: str  # one of MODES: sampled with a conditioner or without one
+    conditioning: str  # what the model takes: "none", "text" or "image"
     space: str  # "pixel" or "latent"
     refused: str | None = None
     digits_fd: float | None = None
@@ -53,21 +59,28 @@ def conditions_for(conditioner: Any, n: int) -> tuple[list[Any] | None, torch.Te
     raise IncompatibleError(f"the matrix has no inputs for {kind!r} conditioning")
 
 
-def run_cell(sampler: str, model: str, n: int = 200, steps: int | None = None,
-             registry: Any = None) -> Cell:  # fmt: skip
+def run_cell(sampler: str, model: str, mode: str = "conditional", n: int = 200,
+             steps: int | None = None, registry: Any = None) -> Cell:  # fmt: skip
     """Sample one cell (or record why it is refused) and score it."""
-    from diffplug.conditioners import recorded_conditioner
+    from diffplug.conditioners import LowResConditioner, recorded_conditioner
     from diffplug.evaluate import evaluate, load_classifier, to_digits
     from diffplug.latent import recorded_autoencoder
     from diffplug.registry import default_registry
     from diffplug.resolve import build_scheduler, load_model
     from diffplug.sampling import check_compatible, sample
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     registry = registry or default_registry()
     denoiser, _ = load_model(registry, model)
-    conditioner = recorded_conditioner(denoiser, registry)
+    conditioner = None
+    if mode == "conditional":  # as trained; an unconditional model gets an image condition
+        conditioner = recorded_conditioner(denoiser, registry)
+        if conditioner is None:
+            conditioner = LowResConditioner()
+            conditioner.name = "lowres"
     autoencoder = recorded_autoencoder(denoiser, registry)
-    cell = Cell(sampler, model, getattr(conditioner, "kind", None) or "none",
+    cell = Cell(sampler, model, mode, denoiser.conditioning or "none",
                 "latent" if autoencoder is not None else "pixel")  # fmt: skip
     scheduler = build_scheduler(registry, sampler, {})
     try:
@@ -91,9 +104,9 @@ def run_cell(sampler: str, model: str, n: int = 200, steps: int | None = None,
     return cell
 
 
-def cells(registry: Any = None) -> list[tuple[str, str]]:
-    """(sampler, model) for every installed sampler and pretrained denoiser (autoencoders such
-    as vae-digits are components of latent models, not models to sample)."""
+def cells(registry: Any = None) -> list[tuple[str, str, str]]:
+    """(sampler, model, mode) for every installed sampler, pretrained denoiser (autoencoders
+    such as vae-digits are components of latent models, not models to sample) and mode."""
     from diffplug.checkpoint import read_metadata
     from diffplug.registry import default_registry
 
@@ -103,4 +116,4 @@ def cells(registry: Any = None) -> list[tuple[str, str]]:
         return read_metadata(registry.get("pretrained", model).load())["kind"]
 
     models = [m for m in registry.names("pretrained") if kind(m) == "denoiser"]
-    return [(s, m) for m in models for s in registry.names("scheduler")]
+    return [(s, m, mode) for m in models for mode in MODES for s in registry.names("scheduler")]
