@@ -118,10 +118,11 @@ def check_compatible(
     if wanted == given:
         return
     if given is None:
+        article = "an" if wanted[0] in "aeiou" else "a"
         raise IncompatibleError(
-            f"the denoiser takes {wanted} conditioning but none is given: sample it with a "
-            f"{wanted} conditioner and its inputs (`diffplug run` supplies the one the model was "
-            "trained with)"
+            f"the denoiser takes {wanted} conditioning but none is given: sample it with "
+            f"{article} {wanted} conditioner and its inputs (`diffplug run` supplies the one the "
+            "model was trained with)"
         )
     name = getattr(conditioner, "name", "") or type(conditioner).__name__
     if wanted is None:
