@@ -66,7 +66,7 @@ def run() -> str:
         "for real digits (noise left at full resolution, which the 8x8 FD cannot see); a "
         "percentage: share of samples the classifier reads as the prompted digit. "
         "`tests/test_matrix.py` runs every cell at 100 samples and asserts FD / floor <= 3 "
-        "(12 for the mixture oracle, which is not digits), detail <= 1.5, accuracy >= 80%, "
+        "(6 for the mixture oracle, which is not digits), detail <= 1.5, accuracy >= 80%, "
         "or a refusal with its reason before the first step.",
         table(["model", "takes", "space", "cell", *samplers], rows),
         "Refusals, as core words them:\n\n" + notes if notes else "No cell is refused.",
