@@ -120,11 +120,12 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
         "train", "--method", "adm", "--size", "16", "--width", "16", "--mults", "1,2",
         "--heads", "1", "--cond-encoder", "resnet18", "--cond-resize", "8",
         "--conditioner", "lowres", "--low-size", "4", "--steps", "2", "--batch-size", "4",
-        "--quiet", "--out", str(out),
+        "--guidance", "1.5", "--quiet", "--out", str(out),
     )  # fmt: skip
     assert result.code == 0, result.err
     model = str(out / "model.safetensors")
     meta = read_metadata(model)
+    assert meta["extra"]["guidance"] == 1.5  # run's default for this model
     assert meta["extra"]["conditioner"] == {
         "plugin": "diffplug",
         "name": "lowres",
@@ -146,6 +147,7 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
         "image_size": 16,
     }
     assert recipe["condition_images"] == str(tmp_path / "lowres")
+    assert recipe["guidance"] == 1.5
     # a run's own samples file conditions the next run
     again = run_cli(*base, "--condition-images", str(first), "-o", str(tmp_path / "b.png"))
     assert again.code == 0, again.err
@@ -157,6 +159,12 @@ def test_train_and_run_a_super_resolution_model_through_the_cli(tmp_path):
         "gives image conditioning but the denoiser expects none",
     )  # fmt: skip
     assert not (tmp_path / "nope").exists()
+    assert_clean_error(
+        run_cli("train", "--method", "ddpm", "--guidance", "3", "--steps", "1", "--quiet",
+                "--out", str(tmp_path / "unguided")),
+        "--guidance 3: the model is unconditional",
+    )  # fmt: skip
+    assert not (tmp_path / "unguided").exists()
     (tmp_path / "empty").mkdir()
     assert_clean_error(
         run_cli(

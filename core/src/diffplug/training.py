@@ -59,6 +59,10 @@ class TrainConfig:
     cond_dropout: float = option(
         0.1, "probability of replacing a condition by the null one (guidance)", min=0.0, max=1.0
     )
+    guidance: float = option(
+        1.0, "the guidance weight `run` uses by default for this model (recorded; 1 = none)",
+        min=0.0,
+    )  # fmt: skip
     precision: str = option(
         "auto", "bf16 autocast on CUDA with auto", choices=("auto", "fp32", "bf16")
     )
@@ -291,6 +295,14 @@ def check_conditioner(denoiser: Denoiser, conditioner: Conditioner | None) -> No
         )
 
 
+def check_guidance(model: Any, guidance: float) -> None:
+    """A recommended guidance weight only means something for a conditional denoiser."""
+    if guidance != 1.0 and getattr(model, "conditioning", None) is None:
+        raise UserError(
+            f"--guidance {guidance:g}: the model is unconditional; there is nothing to guide"
+        )
+
+
 def conditioner_record(conditioner: Conditioner) -> dict[str, Any]:
     """What a checkpoint keeps of its conditioner so that sampling can rebuild it."""
     plugin, name = identify(conditioner, "conditioner")
@@ -369,6 +381,9 @@ def train(
     extra = dict(extra or {})
     if conditioner is not None:
         extra["conditioner"] = conditioner_record(conditioner)
+    if config.guidance != 1.0:
+        check_guidance(denoiser, config.guidance)
+        extra["guidance"] = config.guidance
     if resume:
         trainer.load(out)
     losses: list[float] = []
@@ -430,6 +445,7 @@ __all__ = [
     "Trainer",
     "atomic_path",
     "check_conditioner",
+    "check_guidance",
     "conditioner_record",
     "lr_at",
     "train",

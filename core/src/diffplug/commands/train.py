@@ -80,7 +80,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     from diffplug.data import load_data
     from diffplug.options import build_config, describe
     from diffplug.registry import default_registry
-    from diffplug.training import TrainConfig, check_conditioner, train
+    from diffplug.training import TrainConfig, check_conditioner, check_guidance, train
 
     registry = default_registry()
     method_cls = registry.load("method", kw["method"])
@@ -172,6 +172,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         conditioner.name = conditioner_entry.name
     if kind == "denoiser":
         check_conditioner(denoiser, conditioner)  # before --overwrite deletes anything
+    check_guidance(denoiser, loop.guidance)
     if kw["overwrite"] and out.exists() and os.environ.get("RANK", "0") == "0":
         import shutil
 
