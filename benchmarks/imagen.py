@@ -17,7 +17,7 @@ import os
 import torch
 
 from benchmarks.common import ROOT, machine, table
-from diffplug.evaluate import evaluate, load_classifier, to_digits
+from diffplug.evaluate import classify, evaluate
 from diffplug.pipeline import StageSpec, run_stage
 from diffplug_imagen.cascade import Cascade, CascadeConfig
 from diffplug_imagen.text import WORDS
@@ -38,11 +38,6 @@ def prompts_and_labels() -> tuple[list[str], torch.Tensor]:
     return prompts, torch.tensor(labels)
 
 
-def predicted(images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return load_classifier()(to_digits(images)).argmax(1)
-
-
 def sweep() -> tuple[list[list[object]], dict]:
     prompts, labels = prompts_and_labels()
     seeds = list(range(len(prompts)))
@@ -52,7 +47,7 @@ def sweep() -> tuple[list[list[object]], dict]:
             spec = StageSpec(BASE, "ddim", 50, w, threshold)
             images = run_stage(spec, seeds=seeds, conditions=prompts, batch_size=500,
                                device=torch.device("cpu")).images  # fmt: skip
-            hit = predicted(images) == labels
+            hit = classify(images) == labels
             per_phrasing = hit.view(len(PHRASINGS), -1).float().mean(1)
             sevens = hit[(labels == 7) & (torch.arange(len(labels)) // (10 * PER_CELL) == 2)]
             fd = evaluate(images)["digits_fd"]
@@ -77,8 +72,8 @@ def cascade_target() -> list[list[object]]:
         )
         stages = cascade.run(prompts=prompts, seeds=list(range(200)), batch_size=200,
                              device=torch.device("cpu"))  # fmt: skip
-        base_acc = (predicted(stages[0].images) == labels).float().mean()
-        final_acc = (predicted(stages[-1].images) == labels).float().mean()
+        base_acc = (classify(stages[0].images) == labels).float().mean()
+        final_acc = (classify(stages[-1].images) == labels).float().mean()
         # FD against all ten classes means nothing for one prompt's samples
         fd = "-" if name.endswith("seven") else f"{evaluate(stages[-1].images)['digits_fd']:.2f}"
         rows.append([name, f"{100 * base_acc:.1f}%", f"{100 * final_acc:.1f}%", fd])

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import ROOT, machine, table
 from diffplug.data import digits
-from diffplug.evaluate import evaluate, load_classifier, to_digits
+from diffplug.evaluate import classify, evaluate
 from diffplug.pipeline import StageSpec, run_stage
 from diffplug_imagen.cascade import CascadeConfig
 from diffplug_imagen.text import WORDS
@@ -41,8 +41,7 @@ CPU = torch.device("cpu")
 
 
 def accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((load_classifier()(to_digits(images)).argmax(1) == labels).float().mean())
+    return float((classify(images) == labels).float().mean())
 
 
 def base_samples() -> tuple[torch.Tensor, torch.Tensor]:

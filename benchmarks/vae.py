@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.common import machine, table
 from diffplug.data import digits
-from diffplug.evaluate import evaluate, load_classifier, to_digits
+from diffplug.evaluate import classify, evaluate
 from diffplug.latent import load_autoencoder
 
 
@@ -15,10 +15,8 @@ def run() -> str:
     real = digits("heldout", 32)
     with torch.no_grad():
         rec = vae.decode(vae.encode(real.images)).clamp(-1, 1)
-        acc = (load_classifier()(to_digits(rec)).argmax(1) == real.labels).float().mean()
-        acc_real = (
-            (load_classifier()(to_digits(real.images)).argmax(1) == real.labels).float().mean()
-        )
+    acc = (classify(rec) == real.labels).float().mean()
+    acc_real = (classify(real.images) == real.labels).float().mean()
     report = evaluate(rec)
     rows = [
         [

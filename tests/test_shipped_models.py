@@ -27,14 +27,13 @@ def test_ddpm_digits_draws_recognisable_digits_of_every_class():
 @pytest.mark.slow
 def test_imagen_cascade_draws_the_prompted_digit_at_its_defaults():
     """The issue's target: >= 90% of "a handwritten seven" classified as 7 (final images)."""
-    from diffplug.evaluate import load_classifier, to_digits
+    from diffplug.evaluate import classify
     from diffplug_imagen.cascade import Cascade
 
     stages = Cascade().run(prompts=["a handwritten seven"] * 40 + ["the digit 3"] * 40,
                            seeds=list(range(80)), batch_size=80, device=torch.device("cpu"))  # fmt: skip
     assert [s.images.shape[-1] for s in stages] == [8, 32]
-    with torch.no_grad():
-        predicted = load_classifier()(to_digits(stages[-1].images)).argmax(1)
+    predicted = classify(stages[-1].images)
     assert (predicted[:40] == 7).float().mean() >= 0.9
     assert (predicted[40:] == 3).float().mean() >= 0.9
 
@@ -48,7 +47,7 @@ def test_imagen_super_resolution_stages_keep_real_low_res_digits():
     3.4x, pixels up to 9)."""
     from diffplug.conditioners import recorded_conditioner
     from diffplug.data import digits, resize
-    from diffplug.evaluate import _reference, detail, load_classifier, to_digits
+    from diffplug.evaluate import _reference, classify, detail
     from diffplug.pipeline import configure
 
     real = digits("heldout", 8)
@@ -63,8 +62,7 @@ def test_imagen_super_resolution_stages_keep_real_low_res_digits():
             # the stage's own view of its input: the training path (8 -> 32 -> 8, image_size)
             target = resize(resize(real.images[:60], 32), 8)
             assert (resize(x, 8) - target).pow(2).mean() < 0.01, (name, type(sampler).__name__)
-            with torch.no_grad():
-                predicted = load_classifier()(to_digits(x)).argmax(1)
+            predicted = classify(x)
             assert (predicted == real.labels[:60]).float().mean() >= 0.9, (
                 name,
                 type(sampler).__name__,
@@ -100,7 +98,7 @@ def test_imagen_latent_digits_draws_the_prompted_digit_out_of_the_box(tmp_path):
     from cliutil import run_cli
 
     from diffplug.checkpoint import load_tensors
-    from diffplug.evaluate import load_classifier, to_digits
+    from diffplug.evaluate import classify
     from diffplug.output import read_recipe
 
     out = tmp_path / "s.safetensors"
@@ -112,6 +110,5 @@ def test_imagen_latent_digits_draws_the_prompted_digit_out_of_the_box(tmp_path):
     assert recipe["guidance"] == 2.0 and recipe["autoencoder"] == "vae-digits"
     x = load_tensors(out)["samples"] * 2 - 1
     assert x.shape == (50, 1, 32, 32)
-    with torch.no_grad():
-        sevens = (load_classifier()(to_digits(x)).argmax(1) == 7).float().mean()
+    sevens = (classify(x) == 7).float().mean()
     assert sevens >= 0.9, sevens

@@ -47,6 +47,12 @@ DTYPE_SIZES = {
 }
 
 
+def pickle_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Names of the files in ``folder`` that are pickles by their extension (a folder whose
+    weights exist only as these is refused, with how to convert them)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Validate a safetensors file's header; return (tensor entries, metadata). No torch."""
     path = Path(path)

@@ -91,6 +91,24 @@ class LowResConditioner(Conditioner):
         return {"image": resize(x0, self.config.low_size)}
 
 
+def build_conditioner(
+    registry: Any, name: str, options: dict[str, Any], inherited: dict[str, Any]
+) -> Conditioner:
+    """The conditioner ``--conditioner NAME`` asks for, built from its ``options`` over the
+    ``inherited`` values (the data's or the model's shape: channels, sizes) it declares."""
+    from diffplug.options import build_config, describe
+
+    entry = registry.get("conditioner", name)
+    cls = entry.load()
+    known = {o.name for o in describe(cls.Config)}
+    given = {k: v for k, v in inherited.items() if k in known and v}
+    conditioner = entry.construct(
+        build_config(cls.Config, {**given, **options}, owner=f"conditioner {entry.name!r}")
+    )
+    conditioner.name = entry.name
+    return conditioner
+
+
 def recorded_conditioner(denoiser: Any, registry: Any = None) -> Conditioner | None:
     """The conditioner a checkpoint's training recorded (``extra["conditioner"]``).
 

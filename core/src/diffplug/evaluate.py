@@ -183,19 +183,28 @@ def to_digits(samples: torch.Tensor) -> torch.Tensor:
     """(N, 1|3, S, S) in [-1, 1] -> (N, 1, 8, 8): RGB to grey (BT.601 luma), antialiased resize."""
     if samples.ndim != 4 or samples.shape[1] not in (1, 3) or samples.shape[2] != samples.shape[3]:
         raise UserError(f"samples must be (N, 1 or 3, S, S); got {tuple(samples.shape)}")
+    return resize(_grey(samples), SIZE)
+
+
+def _grey(samples: torch.Tensor) -> torch.Tensor:
+    """(N, 1|3, S, S) -> (N, 1, S, S) float32 on the CPU; RGB by BT.601 luma."""
     x = samples.detach().float().cpu()
     if x.shape[1] == 3:
         x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return resize(x, SIZE)
+    return x
+
+
+@torch.no_grad()
+def classify(samples: torch.Tensor) -> torch.Tensor:
+    """(N,) the digit the shipped classifier reads in each sample (N, 1|3, S, S) in [-1, 1]."""
+    return load_classifier()(to_digits(samples)).argmax(1)
 
 
 def detail(samples: torch.Tensor) -> float:
     """RMS of what an 8x8 round trip removes from (N, 1|3, S, S) images in [-1, 1] (clamped,
     as written to files): the part of a sample at S > 8 that digits FD, computed at 8x8,
     cannot see. Noise a sampler leaves at full resolution shows up here and only here."""
-    x = samples.detach().float().cpu().clamp(-1, 1)
-    if x.shape[1] == 3:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = _grey(samples.detach().clamp(-1, 1))
     size = x.shape[-1]
     return float((x - resize(resize(x, SIZE), size)).pow(2).mean().sqrt())
 

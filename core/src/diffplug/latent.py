@@ -95,11 +95,16 @@ def recorded_autoencoder(denoiser: Denoiser, registry: Any = None) -> Any:
     return ae
 
 
+def is_pixel_space(autoencoder: Autoencoder | None) -> bool:
+    """No autoencoder, or the identity one: the denoiser works on images directly."""
+    return autoencoder is None or getattr(autoencoder, "is_identity", False)
+
+
 def check_autoencoder(denoiser: Denoiser, autoencoder: Autoencoder | None) -> None:
     """Refuse a pixel model under an autoencoder, a latent model without its own, or latents
     of the wrong shape."""
     record = getattr(denoiser, "checkpoint_extra", {}).get("autoencoder")
-    pixel = autoencoder is None or getattr(autoencoder, "is_identity", False)
+    pixel = is_pixel_space(autoencoder)
     if record is None:
         if not pixel:
             raise IncompatibleError(
@@ -129,6 +134,6 @@ def check_autoencoder(denoiser: Denoiser, autoencoder: Autoencoder | None) -> No
         ) from None
     if latent != tuple(denoiser.sample_shape):
         raise IncompatibleError(
-            f"the autoencoder's latents for {image} images have shape "
-            f"{autoencoder.latent_shape(image)}, the denoiser's are {denoiser.sample_shape}"
+            f"the autoencoder's latents for {image} images have shape {latent}, the "
+            f"denoiser's are {tuple(denoiser.sample_shape)}"
         )

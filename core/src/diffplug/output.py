@@ -16,17 +16,23 @@ import torch
 from diffplug.atomic import atomic_path
 from diffplug.errors import UserError
 
-SUFFIXES = (".png", ".safetensors")
+SUFFIXES = {".png": "a grid", ".safetensors": "the tensor"}
 MIN_CELL = 32
 
 
-def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse a bad output path before any work is done."""
+def check_output_path(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    suffixes: dict[str, str] | None = None,
+) -> Path:
+    """Refuse a bad output path before any work is done. ``suffixes`` maps the extensions a
+    command writes to what each holds (default: a samples grid or tensor)."""
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
+    suffixes = suffixes or SUFFIXES
+    if path.suffix.lower() not in suffixes:
+        kinds = " or ".join(f"{ext} ({what})" for ext, what in suffixes.items())
         raise UserError(
-            f"output {path}: unknown extension {path.suffix or '(none)'!r}; use .png (a grid) "
-            "or .safetensors (the tensor)"
+            f"output {path}: unknown extension {path.suffix or '(none)'!r}; use {kinds}"
         )
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():

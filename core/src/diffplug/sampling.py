@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from diffplug.bridge import bridge_plan, planning_process
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
+from diffplug.latent import check_autoencoder, is_pixel_space
 from diffplug.noise import NoiseSource
 from diffplug.plan import Plan
 from diffplug.prediction import Linear, as_tuple, linear
@@ -109,10 +110,14 @@ def check_compatible(
     """Refuse, before the first step, components that cannot run together: the sampler must
     plan on the model's process (or bridge to it), the conditioner give the conditioning kind
     the model takes, and the space (pixels, or one autoencoder's latents) be the model's."""
-    from diffplug.latent import check_autoencoder
-
     planning_process(scheduler, denoiser.process)  # the sampler's process, or a bridge to it
     check_autoencoder(denoiser, autoencoder)
+    check_conditioning(denoiser, conditioner)
+
+
+def check_conditioning(denoiser: Denoiser, conditioner: Conditioner | None) -> None:
+    """Refuse a conditioner of another kind than the denoiser takes, or none for a
+    conditional denoiser, saying what to do instead."""
     wanted = denoiser.conditioning
     given = getattr(conditioner, "kind", None)
     if wanted == given:
@@ -121,8 +126,8 @@ def check_compatible(
         article = "an" if wanted[0] in "aeiou" else "a"
         raise IncompatibleError(
             f"the denoiser takes {wanted} conditioning but none is given: sample it with "
-            f"{article} {wanted} conditioner and its inputs (`diffplug run` supplies the one the "
-            "model was trained with)"
+            f"{article} {wanted} conditioner and its inputs (`diffplug run` uses the one the "
+            "model was trained with, or --conditioner NAME)"
         )
     name = getattr(conditioner, "name", "") or type(conditioner).__name__
     if wanted is None:
@@ -182,7 +187,7 @@ def sample(
     plan = scheduler.plan(process, steps)
     if process is not denoiser.process:  # a model of another process: bridged, once per run
         plan = bridge_plan(plan, denoiser.process)
-    if (transforms or plan.transforms) and not _pixel_space(autoencoder):
+    if (transforms or plan.transforms) and not is_pixel_space(autoencoder):
         raise IncompatibleError(
             "thresholding and --clip-sample clip x0_hat to the pixel range [-1, 1], but this "
             "model's x0 is a latent of its autoencoder, which has no such range; sample it "
@@ -349,10 +354,6 @@ def _conditioning(
         return None, None
     cond = conditioner.condition(inputs, seeds)
     return cond, (conditioner.null(len(inputs)) if guided else None)
-
-
-def _pixel_space(autoencoder: Autoencoder | None) -> bool:
-    return autoencoder is None or getattr(autoencoder, "is_identity", False)
 
 
 def _preflight(

@@ -14,43 +14,35 @@ def _one_thread():
         yield
 
 
-def _unet(seed: int = 0, **overrides):
-    from diffusers import UNet2DModel
+#: what every tiny test UNet shares: 1x8x8, two levels of 8 and 16 channels
+TINY = dict(sample_size=SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+            block_out_channels=(8, 16), norm_num_groups=4)  # fmt: skip
+
+
+def _build(cls_name: str, seed: int, config: dict):
+    import diffusers
 
     torch.manual_seed(seed)
-    kw = dict(
-        sample_size=SIZE,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    )
-    kw.update(overrides)
-    return UNet2DModel(**kw).eval()
+    return getattr(diffusers, cls_name)(**{**TINY, **config}).eval()
+
+
+def _unet(seed: int = 0, **overrides):
+    return _build("UNet2DModel", seed, {
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "attention_head_dim": 8,
+        **overrides,
+    })  # fmt: skip
 
 
 def _text_unet(seed: int = 0, width: int = 16, **overrides):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    kw = dict(
-        sample_size=SIZE,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=width,
-        attention_head_dim=4,
-    )
-    kw.update(overrides)
-    return UNet2DConditionModel(**kw).eval()
+    return _build("UNet2DConditionModel", seed, {
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": width,
+        "attention_head_dim": 4,
+        **overrides,
+    })  # fmt: skip
 
 
 @pytest.fixture

@@ -118,8 +118,10 @@ def test_import_command_then_load_component_then_run(tmp_path, make_unet, diff):
     assert isinstance(model, DiffusersUNet) and model.prediction == "x0"
     x, t = inputs(seed=2)
     assert diff(ours(model, x, t), reference(unet, x, t)) <= 1e-6
-    # no silent overwrite; --overwrite replaces
+    # no silent overwrite; --overwrite replaces; a checkpoint is a .safetensors file
     assert_clean_error(run_cli("import-diffusers", str(folder), "-o", str(out)), "exists")
+    assert_clean_error(run_cli("import-diffusers", str(folder), "-o", str(tmp_path / "m.pt")),
+                       "use .safetensors (a checkpoint)")  # fmt: skip
     again = run_cli(
         "import-diffusers",
         str(folder),
@@ -317,12 +319,17 @@ def test_run_puts_another_plugins_conditioner_under_an_imported_text_unet(make_t
     recipe = read_recipe(out)
     assert recipe["conditioner"]["name"] == "text" and recipe["conditioner"]["dim"] == 16
     assert recipe["guidance"] == 2.0
+    bare = run_cli("run", "--model", str(model), "--sampler", "ddim", "--prompt", "7", "-o",
+                   str(tmp_path / "bare.png"))  # fmt: skip
+    assert_clean_error(bare, "takes text conditioning but none is given", "--conditioner NAME")
     wrong = run_cli(*common, "--dim", "12", "-o", str(tmp_path / "w.safetensors"))
     assert_clean_error(wrong, "cannot read what conditioner 'text'")
     assert not (tmp_path / "w.safetensors").exists()
     plain = run_cli("run", "--model", "ddpm-digits", "--sampler", "ddim", "--conditioner",
                     "text", "--prompt", "7", "-o", str(tmp_path / "p.png"))  # fmt: skip
-    assert_clean_error(plain, "takes no conditioning; conditioner text gives text")
+    assert_clean_error(
+        plain, "model ddpm-digits: the denoiser is unconditional but conditioner 'text' gives text"
+    )
 
 
 def test_text_width_mismatch_is_refused(make_text_unet):

@@ -173,8 +173,12 @@ def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: 
     model_name = kw["model"] or default_model(registry, scheduler)
     denoiser, label = load_model(registry, model_name, device=device)
     chosen = None
-    if kw["conditioner"]:
-        chosen = _build_conditioner(registry, kw["conditioner"], conditioner_options, denoiser)
+    if kw["conditioner"]:  # in place of the recorded one; the model's condition shape
+        from diffplug.conditioners import build_conditioner
+
+        shape = {"channels": denoiser.sample_shape[0],
+                 "low_size": getattr(denoiser.config, "low_size", None)}  # fmt: skip
+        chosen = build_conditioner(registry, kw["conditioner"], conditioner_options, shape).eval()
         conditioner_options = {}
     conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts, chosen)
     from diffplug.latent import recorded_autoencoder
@@ -275,24 +279,6 @@ def _split_options(
     return mine, {k: v for k, v in options.items() if k not in owned}
 
 
-def _build_conditioner(registry: Any, name: str, options: dict[str, str], denoiser: Any) -> Any:
-    """``--conditioner NAME`` with its options; the shape of the model's condition image
-    (channels, low-res side) is inherited where the conditioner has such options."""
-    from diffplug.options import build_config, describe
-
-    entry = registry.get("conditioner", name)
-    cls = entry.load()
-    known = {o.name for o in describe(cls.Config)}
-    inherited = {"channels": denoiser.sample_shape[0],
-                 "low_size": getattr(denoiser.config, "low_size", None)}  # fmt: skip
-    given = {k: v for k, v in inherited.items() if k in known and v}
-    conditioner = entry.construct(
-        build_config(cls.Config, {**given, **options}, owner=f"conditioner {entry.name!r}")
-    )
-    conditioner.name = entry.name
-    return conditioner.eval()
-
-
 def _conditions(
     registry: Any,
     denoiser: Any,
@@ -304,13 +290,13 @@ def _conditions(
     """The chosen or the model's recorded conditioner, and one input per sample (prompts or
     images)."""
     from diffplug.conditioners import load_condition_images, recorded_conditioner
+    from diffplug.sampling import check_conditioning
 
     conditioner = chosen if chosen is not None else recorded_conditioner(denoiser, registry)
-    if conditioner is not None and conditioner.kind != denoiser.conditioning:
-        raise IncompatibleError(
-            f"model {label} takes {denoiser.conditioning or 'no'} conditioning; conditioner "
-            f"{conditioner.name} gives {conditioner.kind or 'none'}"
-        )
+    try:  # before the prompt and image checks below, which assume a fit
+        check_conditioning(denoiser, conditioner)
+    except IncompatibleError as exc:
+        raise IncompatibleError(f"model {label}: {exc}") from None
     if conditioner is not None and conditioner.kind is None:
         conditioner = None  # --conditioner none on an unconditional model
     kind = getattr(conditioner, "kind", None)

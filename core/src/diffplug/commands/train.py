@@ -158,18 +158,12 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     denoiser = denoiser_cls.from_options(**denoiser_options)
     conditioner = None
     if conditioner_entry is not None:
-        assert conditioner_cls is not None
-        # a condition made from the images has the images' channels unless told otherwise
+        from diffplug.conditioners import build_conditioner
+
+        # a condition made from the images has the images' shape unless told otherwise
         data_shape = {"channels": kw["channels"], "image_size": kw["size"]}
-        inherited = {k: v for k, v in data_shape.items() if k in owned(conditioner_cls.Config)}
-        conditioner = conditioner_entry.construct(
-            build_config(
-                conditioner_cls.Config,
-                {**inherited, **groups["conditioner"]},
-                owner=f"conditioner {conditioner_entry.name!r}",
-            )
-        )
-        conditioner.name = conditioner_entry.name
+        conditioner = build_conditioner(registry, kw["conditioner"], groups["conditioner"],
+                                        data_shape)  # fmt: skip
     if kind == "denoiser":
         check_conditioner(denoiser, conditioner)  # before --overwrite deletes anything
     check_guidance(denoiser, loop.guidance)

@@ -34,6 +34,7 @@ class Cell:
     floor: float | None = None
     accuracy: float | None = None  # share classified as the prompt's digit (text models)
     detail_ratio: float | None = None  # full-resolution detail vs real digits' (S > 8 only)
+    memorised: float | None = None  # share nearer a training digit than most held-out ones
 
     @property
     def fd_ratio(self) -> float | None:
@@ -60,10 +61,12 @@ def conditions_for(conditioner: Any, n: int) -> tuple[list[Any] | None, torch.Te
 
 
 def run_cell(sampler: str, model: str, mode: str = "conditional", n: int = 200,
-             steps: int | None = None, registry: Any = None) -> Cell:  # fmt: skip
-    """Sample one cell (or record why it is refused) and score it."""
+             steps: int | None = None, guidance: float | None = None,
+             registry: Any = None) -> Cell:  # fmt: skip
+    """Sample one cell (or record why it is refused) and score it; a conditional model is
+    guided by ``guidance``, default the weight its checkpoint recommends."""
     from diffplug.conditioners import LowResConditioner, recorded_conditioner
-    from diffplug.evaluate import evaluate, load_classifier, to_digits
+    from diffplug.evaluate import classify, evaluate
     from diffplug.latent import recorded_autoencoder
     from diffplug.registry import default_registry
     from diffplug.resolve import build_scheduler, load_model
@@ -89,18 +92,17 @@ def run_cell(sampler: str, model: str, mode: str = "conditional", n: int = 200,
         cell.refused = str(exc)
         return cell
     conditions, labels = conditions_for(conditioner, n)
-    guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
+    if guidance is None:
+        guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
     images = sample(denoiser, scheduler, steps=steps or scheduler.default_steps,
                     seeds=list(range(n)), conditioner=conditioner, conditions=conditions,
                     guidance=guidance if conditioner is not None else 1.0,
                     autoencoder=autoencoder, batch_size=250)  # fmt: skip
     scores = evaluate(images)
     cell.digits_fd, cell.floor = scores["digits_fd"], scores["floor"]
-    cell.detail_ratio = scores["detail_ratio"]
+    cell.detail_ratio, cell.memorised = scores["detail_ratio"], scores["memorised_share"]
     if labels is not None:
-        with torch.no_grad():
-            predicted = load_classifier()(to_digits(images)).argmax(1)
-        cell.accuracy = float((predicted == labels).float().mean())
+        cell.accuracy = float((classify(images) == labels).float().mean())
     return cell
 
 

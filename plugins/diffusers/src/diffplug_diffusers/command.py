@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 
-from diffplug.errors import UserError
-
 
 @click.command(name="import-diffusers")
 @click.argument("folder", type=click.Path(path_type=Path))
@@ -61,16 +59,10 @@ def import_diffusers(
     """Convert a local diffusers folder (a UNet folder with config.json and
     diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and scheduler/) into a
     diffplug checkpoint. Safetensors weights only; nothing is downloaded."""
-    if output.suffix.lower() != ".safetensors":
-        raise UserError(f"output {output}: a checkpoint is a .safetensors file")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output {output}: directory {parent} does not exist")
-    if output.is_dir():
-        raise UserError(f"output {output} is a directory")
-    if output.exists() and not overwrite:
-        raise UserError(f"output {output} exists; pass --overwrite to replace it")
     from diffplug.checkpoint import save_component
+    from diffplug.output import check_output_path
+
+    check_output_path(output, overwrite, {".safetensors": "a checkpoint"})
     from diffplug_diffusers.unet import DiffusersUNet, load_unet, read_folder, resolve_process
 
     found = read_folder(folder, variant=variant)

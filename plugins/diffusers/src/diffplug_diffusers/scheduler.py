@@ -3,9 +3,9 @@
 diffusers schedulers are stateful objects whose ``step(model_output, t, x)`` is not the
 loop's linear form, so the plan subclasses ``Plan`` with ``linear = False``: the loop hands
 ``update`` the pair (x0_hat, eps_hat), which is turned into the model output the scheduler
-expects for its ``prediction_type`` (eps_hat, x0_hat or v) and stepped. A fresh scheduler is
-made at step 0 of every batch (the loop starts each batch, sweep variant and replay there),
-so multistep history never leaks from one batch into the next.
+expects for its ``prediction_type`` (eps_hat, x0_hat or v) and stepped. ``begin`` makes a
+fresh scheduler before every batch (and sweep variant, and replay), so multistep history
+never leaks from one batch into the next.
 
 The scheduler is built on the model's own VP process (betas, T, zero-SNR rescaling); the
 plan is read off it once per run by a dry run on a 1-element sample: its timesteps, the
@@ -239,6 +239,7 @@ class DiffusersPlan(Plan):
 
     def begin(self, x: torch.Tensor) -> None:
         self._scheduler = self.fresh_scheduler(x.device)  # every batch: a scheduler without history
+        self._module = sys.modules[type(self._scheduler).__module__]  # where randn_tensor lives
 
     def update(
         self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
@@ -255,9 +256,8 @@ class DiffusersPlan(Plan):
             kwargs["variance_noise"] = z
         if hasattr(sched, "is_scale_input_called"):
             sched.is_scale_input_called = True  # the loop scaled x by model_scale
-        module = sys.modules[type(sched).__module__]
         noise = z if z is not None else x.new_zeros  # unused noise some steps draw: zeros
-        with _noise_from(module, noise):
+        with _noise_from(self._module, noise):
             return sched.step(out, sched.timesteps[i], x, return_dict=False, **kwargs)[0]
 
 

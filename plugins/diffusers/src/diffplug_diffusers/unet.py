@@ -28,7 +28,6 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 WEIGHTS = "diffusion_pytorch_model"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: diffusers' own scheduler defaults, used when a folder has no scheduler config.
 DEFAULT_PROCESS = {
     "name": "vp",
@@ -327,7 +326,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _weights(unet_dir: Path, variant: str | None) -> list[Path]:
     """The safetensors files holding the UNet (one, or the shards an index names), checked."""
-    from diffplug.checkpoint import read_header
+    from diffplug.checkpoint import pickle_files, read_header
 
     name = f"{WEIGHTS}.{variant}" if variant else WEIGHTS
     single = unet_dir / f"{name}.safetensors"
@@ -341,7 +340,7 @@ def _weights(unet_dir: Path, variant: str | None) -> list[Path]:
         if not files or missing:
             raise UserError(f"{index}: shards missing: {', '.join(missing) or 'none listed'}")
     else:
-        pickles = sorted(p.name for p in unet_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        pickles = pickle_files(unet_dir)
         if pickles:
             raise CheckpointError(
                 f"{unet_dir}: weights only as {', '.join(pickles)}, a pickle, which can run code "

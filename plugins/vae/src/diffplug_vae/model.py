@@ -439,16 +439,14 @@ def _locate(
     path: Path, config: dict[str, Any] | str | os.PathLike[str] | None
 ) -> tuple[Path, dict[str, Any]]:
     """(weights file, config dict) of a diffusers folder or a bare safetensors file."""
-    from diffplug.checkpoint import read_header
+    from diffplug.checkpoint import pickle_files, read_header
 
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file() and (path / "vae" / CONFIG_NAME).is_file():
             path = path / "vae"  # a whole pipeline folder
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
-            pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(
-                p.name for p in path.glob("*.ckpt")
-            )
+            pickled = pickle_files(path)
             if pickled:
                 raise CheckpointError(
                     f"{path}: has only pickled weights ({pickled[0]}), which can run code when "
