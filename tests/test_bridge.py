@@ -14,7 +14,7 @@ import pytest
 import torch
 from cliutil import run_cli
 
-from diffplug.bridge import bridge_plan, planning_process
+from diffplug.bridge import bridge, planning_process
 from diffplug.errors import IncompatibleError
 from diffplug.oracle import circle_mixture
 from diffplug.prediction import as_tuple
@@ -38,11 +38,11 @@ def _one_thread():
         yield
 
 
-def _x0_eps_bridged(plan, oracle, x, i):
+def _x0_eps_bridged(plan, view, oracle, x, i):
     """(x0_hat, eps_hat) the loop forms at step i of a bridged plan from ``oracle``."""
-    tables = fold(plan, oracle.prediction)
-    t = plan.model_t[i].expand(x.shape[0])
-    (pred,) = as_tuple(oracle(x * plan.model_scale[i], t))
+    tables = fold(plan, oracle.prediction, view)
+    t = view.t[i].expand(x.shape[0])
+    (pred,) = as_tuple(oracle(x * view.scale[i], t))
     return (
         tables.x0_x[i] * x + tables.x0_p[i][0] * pred,
         tables.eps_x[i] * x + tables.eps_p[i][0] * pred,
@@ -70,21 +70,22 @@ def test_the_bridged_oracle_is_the_oracle_of_the_other_process(source, target, s
     """At every step whose SNR the model's process covers, the bridged plan turns the model
     of P into exactly the x0_hat and eps_hat the same mixture gives in Q."""
     inner, direct = circle_mixture(process=source), circle_mixture(process=target)
-    plan = bridge_plan(sampler.plan(direct.process, 25), inner.process)
+    plan = sampler.plan(direct.process, 25)
+    view = bridge(plan, inner.process)
     x = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     checked = 0
     for i in range(len(plan)):
         a, s = plan.alpha[i], plan.sigma[i]
         low, high = inner.process.t_range
-        if not low + 1e-3 * (high - low) < float(plan.model_t[i]) < high - 1e-3 * (high - low):
+        if not low + 1e-3 * (high - low) < float(view.t[i]) < high - 1e-3 * (high - low):
             continue  # at or beyond the ends of the model's SNR range: clamped (next test)
-        x0, eps = _x0_eps_bridged(plan, inner, x, i)
+        x0, eps = _x0_eps_bridged(plan, view, inner, x, i)
         want = direct(x, plan.t[i].expand(6))
         torch.testing.assert_close(x0, want, rtol=0, atol=1e-10)
         torch.testing.assert_close(eps, (x - a * want) / s, rtol=0, atol=1e-8)
         checked += 1
     assert checked >= 22
-    assert float(plan.model_t.min()) >= inner.process.t_range[0]
+    assert float(view.t.min()) >= inner.process.t_range[0]
 
 
 @pytest.mark.parametrize(
@@ -105,8 +106,8 @@ def test_a_two_headed_prediction_is_read_back_consistent_with_x():
     satisfy x = alpha*x0_hat + sigma*eps_hat in the sampler's process (a deterministic sampler
     would otherwise accumulate the disagreement)."""
     model = circle_mixture(process=DECOUPLED)
-    plan = bridge_plan(DDIM().plan(VP(), 20), model.process)
-    tables = fold(plan, "c_eps")
+    plan = DDIM().plan(VP(), 20)
+    tables = fold(plan, "c_eps", bridge(plan, model.process))
     g = torch.Generator().manual_seed(3)
     x, c, eps = (torch.randn(5, 4, generator=g, dtype=F64) for _ in range(3))  # unrelated heads
     for i in range(len(plan)):
@@ -120,10 +121,11 @@ def test_pure_noise_outside_the_source_range_stays_finite():
     """ADM starts at t = 1 (alpha = 0): no VP time has that SNR, so the bridge clamps to the
     VP model's noisiest step, where x0_hat is near the data mean."""
     oracle = circle_mixture(process=VP_LINEAR)
-    plan = bridge_plan(ADM().plan(Decoupled(), 10), oracle.process)
-    assert float(plan.model_t[0]) == pytest.approx(999.0)
+    plan = ADM().plan(Decoupled(), 10)
+    view = bridge(plan, oracle.process)
+    assert float(view.t[0]) == pytest.approx(999.0)
     x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
-    x0, eps = _x0_eps_bridged(plan, oracle, x, 0)
+    x0, eps = _x0_eps_bridged(plan, view, oracle, x, 0)
     assert bool(torch.isfinite(x0).all()) and bool(torch.isfinite(eps).all())
     assert float((x0 - oracle.data_mean().view(1, 1, 2, 2)).abs().max()) < 0.05
 

@@ -128,7 +128,7 @@ def test_cascade_runs_stages_from_two_plugins_and_saves_each_stage(stages, tmp_p
     recipe = read_recipe(out)
     assert recipe["prompts"] == ["a handwritten seven", "3"]
     assert [s["sampler"]["name"] for s in recipe["stages"]] == ["ddim", "ddim", "adm"]
-    assert recipe["stages"][1]["conditioner"]["level"] == 0.1
+    assert recipe["stages"][1]["conditioner"]["options"]["level"] == 0.1
     # the same seeds give the same images, whatever the batch size
     again = tmp_path / "again.safetensors"
     result = run_cli(*cascade_args(stages, again, "--prompt", "a handwritten seven",
@@ -145,8 +145,8 @@ def test_cascade_sweep_and_per_stage_options(stages, tmp_path):
     assert result.code == 0, result.err
     recipe = read_recipe(out)
     assert recipe["prompts"] == ["7"] * 3  # one prompt, repeated
-    assert recipe["stages"][2]["conditioner"]["level"] == 0.3
-    assert recipe["stages"][1]["conditioner"]["sweep"] == [0.0, 0.2]
+    assert recipe["stages"][2]["conditioner"]["options"]["level"] == 0.3
+    assert recipe["stages"][1]["conditioner"]["options"]["sweep"] == [0.0, 0.2]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_run_passes_conditioner_options_to_the_models_conditioner(stages, tmp_pa
                      "--condition-images", str(images), "--num-samples", "2", "--level", "0.35",
                      "-q", "-o", str(out))  # fmt: skip
     assert result.code == 0, result.err
-    assert read_recipe(out)["conditioner"]["level"] == 0.35
+    assert read_recipe(out)["conditioner"]["options"]["level"] == 0.35
     bad = run_cli("run", "--model", stages["sr16"], "--sampler", "ddim", "--condition-images",
                   str(images), "--levle", "0.3", "-q", "-o", str(tmp_path / "b.png"))  # fmt: skip
     assert_clean_error(bad, "--levle")

@@ -71,6 +71,8 @@ def test_run_writes_a_png_grid_with_the_recipe(tmp_path):
     recipe = read_recipe(out)
     assert recipe["sampler"] == {
         "name": "ddim",
+        "plugin": "diffplug-ddim",
+        "version": "0.1.0",
         "options": {"eta": 0.5, "spacing": "leading", "steps_offset": 0, "clip_sample": False},
     }
     assert recipe["seeds"] == [7, 8, 9, 10]
@@ -133,7 +135,7 @@ def test_unknown_sampler(tmp_path):
 def test_sampler_from_a_missing_plugin_names_the_package(tmp_path):
     # the workspace installs every plugin; blocking one is what not having it looks like
     env = {"DIFFPLUG_BLOCK_PLUGINS": "diffplug-adm"}
-    _bad(tmp_path, "--sampler", "adm", env=env, needles=("pip install diffplug-adm",))
+    _bad(tmp_path, "--sampler", "adm", env=env, needles=("DIFFPLUG_BLOCK_PLUGINS: diffplug-adm",))
 
 
 def test_unknown_model(tmp_path):

@@ -53,7 +53,7 @@ def test_run_decodes_latent_samples_to_images(latent_model, tmp_path):
     from diffplug.checkpoint import load_tensors
 
     assert load_tensors(out)["samples"].shape == (3, 1, 16, 16)
-    assert read_recipe(out)["autoencoder"].endswith("vae.safetensors")
+    assert read_recipe(out)["autoencoder"]["source"].endswith("vae.safetensors")
 
 
 def test_mismatched_spaces_are_refused_before_the_first_step(latent_model):

@@ -107,7 +107,7 @@ def test_imagen_latent_digits_draws_the_prompted_digit_out_of_the_box(tmp_path):
                      "--num-samples", "50", "-q", "-o", str(out))  # fmt: skip
     assert result.code == 0, result.err
     recipe = read_recipe(out)
-    assert recipe["guidance"] == 2.0 and recipe["autoencoder"] == "vae-digits"
+    assert recipe["guidance"] == 2.0 and recipe["autoencoder"]["source"] == "vae-digits"
     x = load_tensors(out)["samples"] * 2 - 1
     assert x.shape == (50, 1, 32, 32)
     sevens = (classify(x) == 7).float().mean()

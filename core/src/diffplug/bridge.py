@@ -13,7 +13,7 @@ sqrt(alpha^2 + sigma^2), which is exact whenever the SNRs match.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +21,21 @@ from diffplug.components import Scheduler
 from diffplug.errors import IncompatibleError
 from diffplug.plan import Plan
 from diffplug.process import Process
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """How the loop calls a model at each step of a plan made on another process (or in
+    another parametrisation): at the model's times ``t``, on ``scale[i] * x``, and reading
+    its prediction with the model's own ``alpha[i]``, ``sigma[i]`` there. The sampler never
+    sees it; ``diffplug.sampling.fold`` folds it into the conversion coefficients once."""
+
+    t: torch.Tensor
+    scale: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    #: what the recipe keeps of it
+    info: dict
 
 
 def planning_process(scheduler: Scheduler, process: Process) -> Process:
@@ -35,8 +50,9 @@ def planning_process(scheduler: Scheduler, process: Process) -> Process:
     return native
 
 
-def bridge_plan(plan: Plan, model_process: Process) -> Plan:
-    """``plan`` (made on another process) with the model's times, input scales, alpha, sigma."""
+def bridge(plan: Plan, model_process: Process) -> ModelView:
+    """The view of a model of ``model_process`` from ``plan`` (made on another process): the
+    model's times, input scales, alpha and sigma at each step."""
     t_q = plan.t.to(torch.float64)
     aq = torch.tensor(plan.alpha, dtype=torch.float64)
     sq = torch.tensor(plan.sigma, dtype=torch.float64)
@@ -46,14 +62,19 @@ def bridge_plan(plan: Plan, model_process: Process) -> Plan:
     t_p = model_process.t_for_logsnr(logsnr)
     ap, sp = model_process.alpha_sigma(t_p)
     k = (ap * ap + sp * sp).sqrt() / (aq * aq + sq * sq).sqrt()
-    return dataclasses.replace(
-        plan,
-        model_t=t_p,
-        model_scale=k.tolist(),
-        model_alpha=ap.tolist(),
-        model_sigma=sp.tolist(),
-        info={**plan.info, "bridged_times": t_p.tolist(), "planned_times": t_q.tolist()},
-    )
+    info = {"bridged_times": t_p.tolist(), "planned_times": t_q.tolist()}
+    return ModelView(t_p, k.tolist(), ap.tolist(), sp.tolist(), info)
 
 
-__all__ = ["bridge_plan", "planning_process"]
+def model_view(
+    scheduler: Scheduler, plan: Plan, model_process: Process, planned: Process
+) -> ModelView | None:
+    """The scheduler's own view of the model, else core's bridge when the plan was made on
+    another process (``planned``), else None (the model is called at the plan's times)."""
+    own = scheduler.model_view(plan, model_process)
+    if own is not None:
+        return own
+    return None if planned is model_process else bridge(plan, model_process)
+
+
+__all__ = ["ModelView", "bridge", "model_view", "planning_process"]

@@ -9,6 +9,7 @@ the loader allocate unbounded memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -53,9 +54,56 @@ def pickle_files(folder: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
 
 
+#: validated headers by (path, size, mtime): a run reads each file's header once, however
+#: many of its steps (the default-model search, the load, the shape check) look at it
+_HEADERS: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, str]]] = {}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Validate a safetensors file's header; return (tensor entries, metadata). No torch."""
+    """Validate a safetensors file's header; return (tensor entries, metadata). No torch.
+    Remembered while the file is unchanged (same size and modification time)."""
     path = Path(path)
+    key = _stat_key(path) if path.is_file() else None
+    if key is not None and key in _HEADERS:
+        header, meta = _HEADERS[key]
+        return dict(header), dict(meta)
+    header, meta = _read_header(path)
+    if key is not None:
+        _HEADERS[key] = (header, meta)
+    return dict(header), dict(meta)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (the weights fingerprint a recipe keeps), computed once
+    while the file is unchanged."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key is not None and key in _DIGESTS:
+        return _DIGESTS[key]
+    value = _digest_file(path)
+    if key is not None:
+        _DIGESTS[key] = value
+    return value
+
+
+def _digest_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -238,7 +286,6 @@ def load_component(
         raise CheckpointError(f"{path}: a {meta['kind']} checkpoint, but a {kind} is needed here")
     try:
         entry = registry.get(meta["kind"], f"{meta['plugin']}:{meta['name']}")
-        cls = entry.load()
     except UnknownComponentError:
         raise CheckpointError(
             f"{path}: needs {meta['kind']} {meta['name']!r} from {meta['plugin']}, which is not "
@@ -246,8 +293,9 @@ def load_component(
         ) from None
     from diffplug.options import build_config
 
+    cls = entry.load()
     config = build_config(cls.Config, meta["config"], owner=f"{meta['kind']} {meta['name']!r}")
-    component = entry.construct(config)
+    component = entry.construct(config, cls=cls)
     # a denoiser trained with a conditioner that learns (a text encoder) carries its weights
     joint = meta["kind"] == "denoiser" and bool(
         (meta["extra"].get("conditioner") or {}).get("weights")

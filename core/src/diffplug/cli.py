@@ -14,7 +14,14 @@ from typing import Any
 
 import click
 
-from diffplug.errors import DiffplugError, NonFiniteError, PluginError, UserError
+from diffplug.errors import (
+    AmbiguousComponentError,
+    DiffplugError,
+    NonFiniteError,
+    PluginError,
+    UnknownComponentError,
+    UserError,
+)
 from diffplug.registry import KINDS, Registry, default_registry, resolve_kind
 
 BUILTIN_COMMANDS = {
@@ -80,7 +87,7 @@ def cli() -> None:
 def plugins(as_json: bool) -> None:
     """Installed plugins, their versions, components, and load errors."""
     registry = default_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in registry.plugins.values():
         by_kind: dict[str, list[str]] = {}
         for e in info.entries:
@@ -92,6 +99,7 @@ def plugins(as_json: bool) -> None:
                 "module": info.module,
                 "components": by_kind,
                 "error": info.error,
+                "warnings": info.warnings,
             }
         )
     if as_json:
@@ -102,6 +110,8 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{row['name']} {row['version']}{status}")
         for kind, names in row["components"].items():
             click.echo(f"  {kind}: {', '.join(names)}")
+        for warning in row["warnings"]:
+            click.echo(f"  warning: {warning}")
 
 
 @cli.command(name="list")
@@ -135,8 +145,12 @@ def list_components(kind: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--kind", help="the kind, when NAME is used by several kinds")
 def info(name: str, kind: str | None) -> None:
-    """One component: what it is, where it comes from, and its options with defaults."""
+    """One component (its origin and options), or a checkpoint file (NAME.safetensors: what
+    it holds, how it was made, its SHA-256)."""
     registry = default_registry()
+    if kind is None and _is_checkpoint_path(registry, name):
+        _describe_checkpoint_file(name)
+        return
     entry = _find_any(registry, name, kind)
     click.echo(f"{entry.name} ({_kind_label(entry.kind)}) from {entry.dist}")
     if entry.summary:
@@ -152,7 +166,54 @@ def info(name: str, kind: str | None) -> None:
         for k, v in sorted(meta["extra"].items()):
             click.echo(f"    [{k}] {v!r}" if not isinstance(v, dict | list) else f"    [{k}] ...")
         return
-    obj = entry.load()
+    _describe_options(entry.load())
+
+
+#: the extra keys a training run records that say how to remake or use the model
+RECORDED = ("command", "guidance", "conditioner", "autoencoder")
+
+
+def _is_checkpoint_path(registry: Registry, name: str) -> bool:
+    """A .safetensors name (a missing one then says so), or a file that is no component's
+    name (a stray file called ``ddim`` in the working directory must not hide the sampler)."""
+    if name.lower().endswith(".safetensors"):
+        return True
+    return os.path.isfile(name) and (os.sep in name or not _kinds_of(registry, name))
+
+
+def _describe_checkpoint_file(path: str) -> None:
+    """What a checkpoint holds, from its validated header alone (no tensor is read)."""
+    from diffplug.checkpoint import read_metadata
+
+    meta = read_metadata(path)  # a CheckpointError (exit 2) for a non-diffplug or broken file
+    click.echo(path)
+    click.echo(f"  kind: {meta['kind']}")
+    click.echo(f"  component: {meta['plugin']}:{meta['name']}")
+    click.echo(f"  sha256: {_sha256(path)}")
+    click.echo("  config:")
+    for k, v in sorted(meta["config"].items()):
+        click.echo(f"    {k} = {v!r}")
+    extra = meta["extra"]
+    recorded = [k for k in RECORDED if k in extra] + sorted(set(extra) - set(RECORDED))
+    if recorded:
+        click.echo("  recorded:")
+    for k in recorded:
+        click.echo(f"    {k}: {json.dumps(extra[k], sort_keys=True)}")
+
+
+def _sha256(path: str, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256, read in chunks: a checkpoint may be larger than memory allows."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe_options(obj: Any) -> None:
+    """A component's options with their defaults (nothing for one without a Config)."""
     config = getattr(obj, "Config", None)
     if config is None:
         return
@@ -171,16 +232,36 @@ def _kind_label(kind: str) -> str:
 
 
 def _find_any(registry: Registry, name: str, kind: str | None) -> Any:
+    """The entry a bare or qualified (``dist:name``) NAME means, whatever its kind."""
     if kind:
         return registry.get(kind, name)
-    bare = name.rpartition(":")[2]
-    kinds = [k for k in KINDS if any(e.name == bare for e in registry.entries(k))]
+    kinds = _kinds_of(registry, name)
     if not kinds:
         everything = sorted({e.name for k in KINDS for e in registry.entries(k)})
-        raise UserError(f"nothing named {name!r} is installed; installed: {', '.join(everything)}")
+        hints = "".join(f". {h}" for h in registry.missing_hints())
+        raise UserError(
+            f"nothing named {name!r} is installed; installed: {', '.join(everything)}{hints}"
+        )
     if len(kinds) > 1:
-        raise UserError(f"{name!r} names a {' and a '.join(map(_kind_label, kinds))}; pass --kind")
+        labels = " and a ".join(map(_kind_label, kinds))
+        flags = " or ".join(f"--kind {_kind_label(k)}" for k in kinds)
+        raise UserError(f"{name!r} names a {labels}; pass {flags}")
     return registry.get(kinds[0], name)
+
+
+def _kinds_of(registry: Registry, name: str) -> list[str]:
+    """The kinds under which a bare or qualified ``name`` is registered, resolved as
+    ``registry.get`` resolves them (a name two plugins share still counts)."""
+    kinds = []
+    for k in KINDS:
+        try:
+            registry.get(k, name)
+        except AmbiguousComponentError:
+            pass
+        except UnknownComponentError:
+            continue
+        kinds.append(k)
+    return kinds
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -56,6 +56,12 @@ class Scheduler(_Configurable, ABC):
     def plan(self, process: Process, steps: int) -> Plan:
         """Every step's time and update coefficients, computed once per run."""
 
+    def model_view(self, plan: Plan, model_process: Process) -> Any:
+        """How to call the model at each step when the plan is in another parametrisation of
+        the model's own process (a ``diffplug.bridge.ModelView``); None: core decides (the
+        model as it is, or bridged from the sampler's native process)."""
+        return None
+
 
 @dataclasses.dataclass
 class DenoiserConfig:

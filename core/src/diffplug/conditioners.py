@@ -103,7 +103,8 @@ def build_conditioner(
     known = {o.name for o in describe(cls.Config)}
     given = {k: v for k, v in inherited.items() if k in known and v}
     conditioner = entry.construct(
-        build_config(cls.Config, {**given, **options}, owner=f"conditioner {entry.name!r}")
+        build_config(cls.Config, {**given, **options}, owner=f"conditioner {entry.name!r}"),
+        cls=cls,
     )
     conditioner.name = entry.name
     return conditioner
@@ -135,7 +136,7 @@ def recorded_conditioner(denoiser: Any, registry: Any = None) -> Conditioner | N
         ) from None
     cls = entry.load()
     config = build_config(cls.Config, record["config"], owner=f"conditioner {entry.name!r}")
-    conditioner = entry.construct(config)
+    conditioner = entry.construct(config, cls=cls)
     conditioner.name = entry.name
     if record.get("weights"):  # trained with the model: its weights are in the model's file
         state = getattr(denoiser, "conditioner_state", None)

@@ -7,8 +7,7 @@ A plugin module implements any subset of these with ``@diffplug.hookimpl``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import pluggy
 
@@ -16,7 +15,17 @@ PROJECT = "diffplug"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Register = Callable[..., Any]
+
+class Register(Protocol):
+    """The callback every hook receives: ``register(name, target, summary="")``.
+
+    ``name`` is lower-case (letters, digits, ``-``, ``_``, ``.``); ``target`` is
+    ``"package.module:Attribute"`` (for pretrained weights ``"package:path.safetensors"``),
+    imported only when the component is used; ``summary`` is the one line ``diffplug list``
+    shows.
+    """
+
+    def __call__(self, name: str, target: str, summary: str = "") -> None: ...
 
 
 @hookspec

@@ -76,9 +76,10 @@ def encode_dataset(autoencoder: Autoencoder, data: Any, batch_size: int = 256) -
     return Dataset(latents.float(), data.labels)
 
 
-def recorded_autoencoder(denoiser: Denoiser, registry: Any = None) -> Any:
+def recorded_autoencoder(denoiser: Denoiser, registry: Any = None, check: bool = True) -> Any:
     """The autoencoder a latent denoiser was trained with (None for a pixel-space model),
-    loaded on the denoiser's device and checked against its fingerprint."""
+    loaded on the denoiser's device and (unless the caller checks later, as ``prepare``
+    does) checked against its fingerprint."""
     record = getattr(denoiser, "checkpoint_extra", {}).get("autoencoder")
     if record is None:
         return None
@@ -91,7 +92,8 @@ def recorded_autoencoder(denoiser: Denoiser, registry: Any = None) -> Any:
             f"the model works in the latents of autoencoder {record['source']!r}, which "
             f"cannot be loaded: {exc}"
         ) from None
-    check_autoencoder(denoiser, ae)
+    if check:
+        check_autoencoder(denoiser, ae)
     return ae
 
 

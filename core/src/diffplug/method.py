@@ -29,8 +29,8 @@ class Method(ABC):
     #: train`` builds the model from that registry kind and the checkpoint records it.
     trains: ClassVar[str] = "denoiser"
     #: the registered model (of kind ``trains``) a fresh run uses unless ``--denoiser`` says
-    #: otherwise.
-    default_denoiser: ClassVar[str] = "unet"
+    #: otherwise; None (core knows no plugin's models): ``--denoiser`` is then required.
+    default_denoiser: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

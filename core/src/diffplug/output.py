@@ -1,6 +1,7 @@
-"""Writing samples: a PNG grid with the recipe in its text metadata, or a safetensors tensor.
+"""Writing samples: a PNG grid with the recipe in its text metadata, a safetensors tensor,
+or a folder of one PNG per sample.
 
-Both are written atomically. Samples arrive in the data range [-1, 1] and are stored in [0, 1].
+All are written atomically. Samples arrive in the data range [-1, 1] and are stored in [0, 1].
 """
 
 from __future__ import annotations
@@ -20,19 +21,31 @@ SUFFIXES = {".png": "a grid", ".safetensors": "the tensor"}
 MIN_CELL = 32
 
 
+def is_folder_target(path: str | os.PathLike[str]) -> bool:
+    """A path meant as a folder of PNGs: it ends in a separator, is an existing folder, or
+    has no extension (``pathlib`` drops a trailing ``/``)."""
+    text = os.fspath(path)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir() or not Path(text).suffix
+
+
 def check_output_path(
     path: str | os.PathLike[str],
     overwrite: bool,
     suffixes: dict[str, str] | None = None,
+    folders: bool = False,
 ) -> Path:
     """Refuse a bad output path before any work is done. ``suffixes`` maps the extensions a
-    command writes to what each holds (default: a samples grid or tensor)."""
+    command writes to what each holds (default: a samples grid or tensor); with ``folders``
+    a folder target (``DIR/``) is accepted too, refused if it holds files."""
+    if folders and is_folder_target(path):
+        return _check_folder(Path(path), overwrite)
     path = Path(path)
     suffixes = suffixes or SUFFIXES
     if path.suffix.lower() not in suffixes:
         kinds = " or ".join(f"{ext} ({what})" for ext, what in suffixes.items())
+        folder = " or DIR/ (one PNG per sample)" if folders else ""
         raise UserError(
-            f"output {path}: unknown extension {path.suffix or '(none)'!r}; use {kinds}"
+            f"output {path}: unknown extension {path.suffix or '(none)'!r}; use {kinds}{folder}"
         )
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -43,6 +56,19 @@ def check_output_path(
         raise UserError(f"output {path} exists; pass --overwrite to replace it")
     if not os.access(parent, os.W_OK):
         raise UserError(f"output {path}: directory {parent} is not writable")
+    return path
+
+
+def _check_folder(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output {path}/ exists and is not a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not path.exists() and not parent.is_dir():
+        raise UserError(f"output {path}/: directory {parent} does not exist")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"output {path}/ is not empty; pass --overwrite to write into it")
+    if not os.access(path if path.is_dir() else parent, os.W_OK):
+        raise UserError(f"output {path}/ is not writable")
     return path
 
 
@@ -84,28 +110,55 @@ def write_samples(
                 {"samples": unit.contiguous()}, os.fspath(tmp), metadata={"diffplug.recipe": text}
             )
         return
+    _write_png(grid(unit), path, text)
+
+
+def to_pil(image: torch.Tensor) -> Any:
+    """One (C, H, W) image in [0, 1] as a PIL image (L or RGB)."""
     from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def _write_png(image: torch.Tensor, path: Path, recipe_text: str) -> None:
     from PIL.PngImagePlugin import PngInfo
 
-    canvas = grid(unit)
-    array = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    mode = "L" if array.shape[2] == 1 else "RGB"
-    image = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode)
     info = PngInfo()
-    info.add_text("diffplug.recipe", text)
+    info.add_text("diffplug.recipe", recipe_text)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        to_pil(image).save(tmp, format="PNG", pnginfo=info)
+
+
+def save_folder(images: torch.Tensor, folder: Path, recipes: list[dict[str, Any]]) -> None:
+    """One PNG per sample (``00000.png``...), each written atomically with its own recipe."""
+    folder.mkdir(exist_ok=True)
+    for k, (image, recipe) in enumerate(zip(images, recipes, strict=True)):
+        _write_png(image.float(), folder / f"{k:05d}.png", json.dumps(recipe, sort_keys=True))
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The recipe stored in a PNG or safetensors output."""
     path = Path(path)
-    if path.suffix.lower() == ".png":
-        from PIL import Image
+    if not path.is_file():
+        raise UserError(f"recipe {path}: no such file")
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
 
-        with Image.open(path) as im:
-            return json.loads(im.text["diffplug.recipe"])  # type: ignore[attr-defined]
-    from diffplug.checkpoint import read_header
+            with Image.open(path) as im:
+                text = im.text["diffplug.recipe"]  # type: ignore[attr-defined]
+        elif path.suffix.lower() == ".safetensors":
+            from diffplug.checkpoint import read_header
 
-    _, meta = read_header(path)
-    return json.loads(meta["diffplug.recipe"])
+            text = read_header(path)[1]["diffplug.recipe"]
+        else:
+            raise UserError(f"recipe {path}: give a .png or .safetensors output of diffplug run")
+        recipe = json.loads(text)
+    except (KeyError, OSError, ValueError, SyntaxError):
+        raise UserError(
+            f"recipe {path}: holds no diffplug recipe (not written by diffplug run)"
+        ) from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {path}: malformed recipe")
+    return recipe

@@ -81,53 +81,37 @@ def run_stage(
     progress: bool = False,
     registry: Any = None,
 ) -> StageResult:
-    """Load the stage's model, sampler and recorded conditioner, check they fit, sample."""
-    from diffplug.conditioners import recorded_conditioner
+    """Sample one stage: a ``Run`` of the stage's model and sampler (its recorded conditioner,
+    given the stage's conditioner options where it has them), fed ``conditions``."""
     from diffplug.registry import default_registry
-    from diffplug.resolve import build_scheduler, load_model
-    from diffplug.sampling import sample
-    from diffplug.transforms import thresholds
+    from diffplug.run import Run
 
-    registry = registry or default_registry()
-    scheduler = build_scheduler(registry, spec.sampler, spec.sampler_options)
-    denoiser, label = load_model(registry, spec.model, device=str(device))
-    conditioner = recorded_conditioner(denoiser, registry)
-    from diffplug.latent import recorded_autoencoder
-
-    autoencoder = recorded_autoencoder(denoiser, registry)
-    if conditioner is not None and spec.conditioner_options:
-        conditioner = configure(conditioner, spec.conditioner_options, strict=False)
-    if conditioner is None and conditions is not None and any(c is not None for c in conditions):
-        raise IncompatibleError(f"stage model {label} is unconditional but was given conditions")
-    transforms = thresholds(spec.threshold, spec.percentile)
-    steps = spec.steps or scheduler.default_steps
-    images = sample(
-        denoiser,
-        scheduler,
-        steps=steps,
-        seeds=seeds,
-        batch_size=batch_size,
-        conditioner=conditioner,
-        conditions=conditions,
+    run = Run(
+        registry or default_registry(),
+        sampler=spec.sampler,
+        model=spec.model,
+        steps=spec.steps,
+        conditioner=None,
+        autoencoder=None,
         guidance=spec.guidance,
-        transforms=transforms,
-        progress=progress,
+        threshold=spec.threshold,
+        percentile=spec.percentile,
         device=device,
-        autoencoder=autoencoder,
+        options={**spec.sampler_options, **spec.conditioner_options},
+        strict_options=False,  # a cascade-wide option may not apply to every stage
     )
-    recipe = {
-        "model": label,
-        "sampler": {"name": scheduler.name, "options": dataclasses.asdict(scheduler.config)},
-        "steps": steps,
-        "guidance": spec.guidance,
-        "threshold": spec.threshold,
-        **(
-            {"conditioner": {"name": conditioner.name, **dataclasses.asdict(conditioner.config)}}
-            if conditioner is not None
-            else {}
-        ),
-    }
-    return StageResult(label, images, recipe)
+    if (
+        run.conditioner is None
+        and conditions is not None
+        and any(c is not None for c in conditions)
+    ):
+        raise IncompatibleError(
+            f"stage model {run.model_name} is unconditional but was given conditions"
+        )
+    images = run.draw(seeds, conditions if run.conditioner is not None else None,
+                      batch_size=batch_size, progress=progress)  # fmt: skip
+    recipe = {k: v for k, v in run.recipe.items() if k not in ("format", "versions", "device")}
+    return StageResult(run.model_name, images, recipe)
 
 
 def configure(conditioner: Any, options: dict[str, Any], strict: bool = True) -> Any:

@@ -7,17 +7,30 @@ Almost every diffusion sampler's step is linear in (x_t, x0_hat, eps_hat, z):
 so a sampler is a short function that fills these tables once per run (DDPM, DDIM and ADM's
 posterior steps all fit). The loop folds them with the prediction conversion into two or
 three fused tensor ops per step: no per-step schedule work, no host-device sync. A sampler
-whose step is not linear (multistep, Heun) subclasses ``Plan`` and overrides ``update`` (and
-``begin``, where it keeps history).
+whose step is not linear (multistep, Heun) subclasses ``Plan`` and overrides ``begin`` to
+return a ``Stepper``: a small per-batch object whose ``update`` does the step and whose
+history (a multistep solver's previous x0_hat) lives in it and dies with the batch.
+
+A plan holds the sampler's tables only. How a model of another process is called at each
+step (its times, the input scale) is the model view ``diffplug.bridge`` builds beside it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from diffplug.errors import UserError
+
+
+class Stepper(Protocol):
+    """One batch's stepping state: ``update`` turns (x_t, x0_hat, eps_hat, z) into x_next."""
+
+    def update(
+        self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,14 +51,9 @@ class Plan:
     transforms: list = field(default_factory=list)
     #: extra facts for the recipe (resolved timesteps, spacing...).
     info: dict = field(default_factory=dict)
-    #: set by ``diffplug.bridge`` when the model was trained on another process: the times it
-    #: is called at, the scale applied to x before the call, and its alpha, sigma there.
-    model_t: torch.Tensor | None = None
-    model_scale: list[float] | None = None
-    model_alpha: list[float] | None = None
-    model_sigma: list[float] | None = None
 
-    #: False when ``update`` is overridden, so the loop must not fold the tables.
+    #: False when the step is not the linear form (``begin`` returns a stepper of its own),
+    #: so the loop must not fold the tables.
     linear = True
 
     def __post_init__(self) -> None:
@@ -57,10 +65,12 @@ class Plan:
     def __len__(self) -> int:
         return len(self.t)
 
-    def begin(self, x: torch.Tensor) -> None:
-        """Called with a batch's starting x before its first step: every batch, every best-of
-        variant, and the replay that locates a NaN. A plan that keeps history across steps
-        (a multistep solver's previous x0_hat) starts it afresh here, so none crosses batches."""
+    def begin(self, x: torch.Tensor) -> Stepper | None:
+        """The stepper of one batch, called with its starting x before its first step: every
+        batch, every best-of variant, and the replay that locates a NaN. A sampler with
+        history returns a fresh object holding it, so none crosses batches; the default (and
+        ``None``, for plans written before steppers) steps with the plan's own ``update``."""
+        return self
 
     def noisy(self, i: int) -> bool:
         """Whether step ``i`` draws fresh noise (known on the host: no sync)."""

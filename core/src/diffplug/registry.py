@@ -2,8 +2,11 @@
 
 Every plugin is loaded and asked to register in isolation: one that fails to import or
 registers something invalid is recorded with its error and contributes nothing, while every
-other plugin keeps working. Names resolve bare (``ddim``) or qualified (``diffplug-ddim:ddim``);
-a bare name two plugins share is an error naming both, never silent last-wins.
+other plugin keeps working. Names resolve bare (``ddim``) or qualified (``some-plugin:ddim``);
+a bare name two plugins share is an error naming both, never silent last-wins. A hook whose
+name no hookspec declares (a misspelt ``register_sampler``) would be ignored silently by
+pluggy: it is reported as a warning on the plugin, with the closest real hook name. Core
+names no plugin: an unknown name's hint comes from what the registry saw while loading.
 
 Environment switches (in the spirit of pytest's):
 - ``DIFFPLUG_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry points but core's own;
@@ -14,6 +17,7 @@ Environment switches (in the spirit of pytest's):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -59,22 +63,6 @@ KIND_ALIASES = {
     "model": "pretrained",
     "models": "pretrained",
 }
-#: what the first-party distributions provide, so an unknown name can say what to install.
-KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
-    ("scheduler", "ddpm"): "diffplug-ddpm",
-    ("scheduler", "ddim"): "diffplug-ddim",
-    ("scheduler", "adm"): "diffplug-adm",
-    ("denoiser", "unet"): "diffplug-ddpm",
-    ("denoiser", "dual-unet"): "diffplug-adm",
-    ("method", "ddpm"): "diffplug-ddpm",
-    ("method", "adm"): "diffplug-adm",
-    ("process", "decoupled"): "diffplug-adm",
-    ("pretrained", "ddpm-digits"): "diffplug-ddpm",
-    ("pretrained", "adm-digits"): "diffplug-adm",
-    ("pipeline", "imagen"): "diffplug-imagen",
-    ("autoencoder", "kl-vae"): "diffplug-vae",
-    ("method", "vae"): "diffplug-vae",
-}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[\w./-]+$")
@@ -103,10 +91,10 @@ class Entry:
                 return _resource_path(obj, attr)
             for part in attr.split("."):
                 obj = getattr(obj, part)
-        except Exception as exc:  # a plugin's bug must not look like ours
+        except (Exception, SystemExit) as exc:  # a plugin's bug must not look like ours
             raise PluginError(
                 f"plugin {self.dist}: cannot load {self.kind} {self.name!r} from "
-                f"{self.target}: {type(exc).__name__}: {exc}"
+                f"{self.target}: {_describe(exc)}"
             ) from exc
         problem = _interface_problem(self.kind, obj)
         if problem:
@@ -115,17 +103,17 @@ class Entry:
             )
         return obj
 
-    def construct(self, *args: Any, **kwargs: Any) -> Any:
-        """Load and instantiate; a failure names the plugin instead of looking like ours."""
-        cls = self.load()
+    def construct(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        """Instantiate (``cls``: the target ``load`` already returned, so it is not resolved
+        twice); a failure names the plugin instead of looking like ours."""
+        cls = cls if cls is not None else self.load()
         try:
             return cls(*args, **kwargs)
         except DiffplugError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a plugin must not end the command
             raise PluginError(
-                f"plugin {self.dist}: building {self.kind} {self.name!r} failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin {self.dist}: building {self.kind} {self.name!r} failed: {_describe(exc)}"
             ) from exc
 
 
@@ -170,6 +158,8 @@ class PluginInfo:
     module: str
     entries: list[Entry] = field(default_factory=list)
     error: str | None = None
+    #: problems that leave the plugin working but likely not as meant (a misspelt hook)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Registry:
@@ -195,13 +185,19 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
+        #: installed distributions skipped because ``blocked`` names them
+        self.skipped: list[str] = []
         self._by_kind: dict[str, dict[str, list[Entry]]] = {k: {} for k in KINDS}
+        self._loaded: dict[Entry, Any] = {}
 
         self._add_module(CORE_DIST, importlib.metadata.version(CORE_DIST), "diffplug.builtin")
         if autoload:
             for ep in _entry_points():
                 dist = _normalize(ep.dist.name) if ep.dist else ep.name
-                if dist == CORE_DIST or dist in self.blocked:
+                if dist == CORE_DIST:
+                    continue
+                if dist in self.blocked:
+                    self.skipped.append(dist)
                     continue
                 version = ep.dist.version if ep.dist else "?"
                 self._add_module(dist, version, ep.value)
@@ -220,22 +216,59 @@ class Registry:
         try:
             obj = importlib.import_module(module) if isinstance(module, str) else module
             self.pm.register(obj, name=dist)
+            info.warnings = self._unknown_hooks(obj)
             info.entries = self._collect(dist, obj)
-        except Exception as exc:
-            if self.pm.get_plugin(dist) is not None:
-                self.pm.unregister(name=dist)
-            info.error = f"{type(exc).__name__}: {exc}"
-            message = f"plugin {dist} failed to load: {info.error}"
-            if self.strict:
-                raise PluginError(message) from exc
-            print(
-                f"diffplug: warning: {message} (other plugins are unaffected; "
-                f"set DIFFPLUG_BLOCK_PLUGINS={dist} to silence)",
-                file=sys.stderr,
-            )
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: one plugin's exit() must not end us
+            self._fail(info, exc)
             return
+        for warning in info.warnings:
+            self._warn(dist, warning)
         for entry in info.entries:
             self._by_kind[entry.kind].setdefault(entry.name, []).append(entry)
+
+    def _fail(self, info: PluginInfo, exc: BaseException) -> None:
+        """Record why a plugin failed and drop it (strict: raise), leaving the others be."""
+        dist = info.name
+        if self.pm.get_plugin(dist) is not None:
+            self.pm.unregister(name=dist)
+        info.error = _describe(exc)
+        message = f"plugin {dist} failed to load: {info.error}"
+        if self.strict:
+            raise PluginError(message) from exc
+        print(
+            f"diffplug: warning: {message} (other plugins are unaffected; "
+            f"set DIFFPLUG_BLOCK_PLUGINS={dist} to silence)",
+            file=sys.stderr,
+        )
+
+    def _warn(self, dist: str, warning: str) -> None:
+        """One stderr line for a plugin that loaded with a problem (strict: an error)."""
+        message = f"plugin {dist} {warning}"
+        if self.strict:
+            raise PluginError(message)
+        print(f"diffplug: warning: {message}", file=sys.stderr)
+
+    def _unknown_hooks(self, plugin: object) -> list[str]:
+        """Hooks ``plugin`` implements that no hookspec declares: pluggy would never call
+        them and say nothing, so a misspelt name would look like a plugin with no components."""
+        known = self._hook_names()
+        out = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            mine = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            if caller.has_spec() or all(i.optionalhook for i in mine):
+                continue
+            out.append(
+                f"implements {caller.name}, which is not a diffplug hook "
+                f"({_suggest(caller.name, known)}); it is never called"
+            )
+        return out
+
+    def _hook_names(self) -> list[str]:
+        """The hooks diffplug declares (as the plugin manager knows them)."""
+        callers = vars(self.pm.hook).items()
+        return sorted(n for n, c in callers if isinstance(c, pluggy.HookCaller) and c.has_spec())
 
     def _collect(self, dist: str, plugin: object) -> list[Entry]:
         """Call each hook of one plugin; all its registrations stand or fall together."""
@@ -290,25 +323,40 @@ class Registry:
         raise UnknownComponentError(self._unknown_message(kind, bare if sep else name))
 
     def load(self, kind: str, name: str) -> Any:
-        return self.get(kind, name).load()
+        """The component ``name`` registers, imported once per registry (every checkpoint
+        of a run builds its process through here)."""
+        entry = self.get(kind, name)
+        if entry not in self._loaded:
+            self._loaded[entry] = entry.load()
+        return self._loaded[entry]
 
     def _unknown_message(self, kind: str, name: str) -> str:
+        """One line: what is installed, and why the name may be missing, from what loading
+        saw (failed, blocked or misspelt plugins); else where to look."""
         installed = ", ".join(self.names(kind)) or "none"
         msg = f"unknown {_label(kind)} {name!r}; installed: {installed}."
-        provider = KNOWN_PROVIDERS.get((kind, name))
-        if provider:
-            msg += f" It is provided by {provider}: pip install {provider}"
-            broken = self.plugins.get(provider)
-            if broken and broken.error:
-                msg = msg.replace("pip install", "which is installed but failed to load") + (
-                    f" ({broken.error})"
-                )
-        failed = [p for p in self.errors() if p.name != provider]
+        hints = self.missing_hints(kind)
+        if hints:
+            return f"{msg} {'. '.join(hints)}"
+        return f"{msg} No installed plugin registers it; `diffplug plugins` lists what is installed"
+
+    def missing_hints(self, kind: str | None = None) -> list[str]:
+        """Plugins that may have meant to provide a ``kind`` (any kind: None) but do not:
+        failed to load, misspelt its hook, or blocked."""
+        hooks = [KINDS[kind]] if kind else list(KINDS.values())
+        hints = []
+        failed = list(self.errors())
         if failed:
-            msg += " Plugins that failed to load: " + "; ".join(
-                f"{p.name} ({p.error})" for p in failed
+            hints.append(
+                "Plugins that failed to load: " + "; ".join(f"{p.name} ({p.error})" for p in failed)
             )
-        return msg
+        misspelt = [p.name for p in self.plugins.values() if _meant_any(p.warnings, hooks)]
+        if misspelt:
+            names = ", ".join(misspelt)
+            hints.append(f"Plugins with a misspelt hook: {names} (see `diffplug plugins`)")
+        if self.skipped:
+            hints.append(f"Blocked by DIFFPLUG_BLOCK_PLUGINS: {', '.join(self.skipped)}")
+        return hints
 
     def errors(self) -> Iterator[PluginInfo]:
         return (p for p in self.plugins.values() if p.error)
@@ -325,6 +373,31 @@ def resolve_kind(kind: str) -> str:
 
 def _label(kind: str) -> str:
     return "sampler" if kind == "scheduler" else kind
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line; a plugin's sys.exit() says so, as its bare code would not."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: {exc.code!r} (the plugin called sys.exit)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _meant_any(warnings: list[str], hooks: list[str]) -> bool:
+    """Whether a plugin's warnings suggest one of ``hooks`` (its misspelling meant it)."""
+    return any(f"did you mean {hook}?" in w for w in warnings for hook in hooks)
+
+
+def _suggest(hook: str, known: list[str]) -> str:
+    """The real hook a misspelt one most likely meant: by the kind word it ends in
+    (``register_sampler`` -> samplers), else by spelling."""
+    word = hook.removeprefix("register_")
+    kind = KIND_ALIASES.get(word) or KIND_ALIASES.get(word.rstrip("s"))
+    if kind is not None and KINDS[kind] in known:
+        return f"did you mean {KINDS[kind]}?"
+    close = difflib.get_close_matches(hook, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    return "hooks: " + ", ".join(known)
 
 
 def _check_registration(

@@ -38,7 +38,8 @@ def build_scheduler(registry: Registry, name: str, options: dict[str, Any]) -> A
     cls = entry.load()
     from diffplug.options import build_config
 
-    scheduler = entry.construct(build_config(cls.Config, options, owner=f"sampler {entry.name!r}"))
+    config = build_config(cls.Config, options, owner=f"sampler {entry.name!r}")
+    scheduler = entry.construct(config, cls=cls)
     scheduler.name = entry.name
     return scheduler
 
@@ -75,11 +76,18 @@ def pretrained_order(registry: Registry) -> list[Entry]:
 
 
 def default_model(registry: Registry, scheduler: Any) -> str:
-    """The first installed pretrained model the sampler can run (said on stderr)."""
+    """The name of the first installed pretrained model the sampler can run."""
+    return find_default_model(registry, scheduler)[1]
+
+
+def find_default_model(registry: Registry, scheduler: Any) -> tuple[str, str]:
+    """(file path, name) of the first installed pretrained unconditional model the sampler
+    can run (said on stderr)."""
     reasons = []
     for entry in pretrained_order(registry):
         try:
-            meta = read_metadata(entry.load())
+            path = entry.load()
+            meta = read_metadata(path)
             process = build_process(meta["config"].get("process", {"name": "vp"}))
         except (UserError, Exception) as exc:  # a broken model must not hide the others
             reasons.append(f"{entry.name}: {exc}")
@@ -89,12 +97,12 @@ def default_model(registry: Registry, scheduler: Any) -> str:
         if scheduler.supports(process) is None:
             if os.environ.get("RANK", "0") == "0":
                 print(f"diffplug: using model {entry.name} ({entry.dist})", file=sys.stderr)
-            return entry.name
+            return path, entry.name
     names = ", ".join(e.name for e in registry.entries("pretrained")) or "none installed"
     unreadable = f"; unreadable: {'; '.join(reasons)}" if reasons else ""
     raise IncompatibleError(
         f"no installed model can be sampled by {scheduler.name!r} (models: {names}"
-        f"{unreadable}); pass --model NAME|PATH or install diffplug-ddpm"
+        f"{unreadable}); pass --model NAME|PATH, or install a plugin that ships a model"
     )
 
 
@@ -102,6 +110,7 @@ __all__ = [
     "UnknownComponentError",
     "build_scheduler",
     "default_model",
+    "find_default_model",
     "load_model",
     "model_path",
     "parse_extra_options",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffplug.bridge import bridge_plan, planning_process
+from diffplug.bridge import ModelView, model_view, planning_process
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
 from diffplug.latent import check_autoencoder, is_pixel_space
@@ -51,14 +51,14 @@ class _Tables:
     fp: list[tuple[float, ...]]
 
 
-def fold(plan: Plan, prediction: str) -> _Tables:
+def fold(plan: Plan, prediction: str, view: ModelView | None = None) -> _Tables:
     """Fold the prediction -> (x0, eps) maps into the plan's update coefficients."""
     x0_x, x0_p, eps_x, eps_p, fx, fp = [], [], [], [], [], []
     for i in range(len(plan)):
-        if plan.model_scale is None:
+        if view is None:
             lin = linear(prediction, plan.alpha[i], plan.sigma[i])
-        else:  # a model of another process (``diffplug.bridge``)
-            lin = _bridged(plan, i, prediction)
+        else:  # a model of another process or parametrisation (``diffplug.bridge``)
+            lin = _viewed(plan, view, i, prediction)
         a, b, c = plan.a[i], plan.b[i], plan.c[i]
         x0_x.append(lin.x0_x)
         x0_p.append(lin.x0_p)
@@ -69,16 +69,14 @@ def fold(plan: Plan, prediction: str) -> _Tables:
     return _Tables(x0_x, x0_p, eps_x, eps_p, fx, fp)
 
 
-def _bridged(plan: Plan, i: int, prediction: str) -> Linear:
-    """The conversion at step i of a bridged plan (``diffplug.bridge``), still linear in
-    (x, prediction): the model's answer in its own process (input scaled by k), re-expressed
-    as v = alpha*eps - sigma*x0 of the plan's process and read back from v. Going through v
+def _viewed(plan: Plan, view: ModelView, i: int, prediction: str) -> Linear:
+    """The conversion at step i through a model view, still linear in (x, prediction): the
+    model's answer in its own process (input scaled by k), re-expressed as
+    v = alpha*eps - sigma*x0 of the plan's process and read back from v. Going through v
     keeps the pair consistent with x (a two-headed model's heads may disagree slightly, and
     a deterministic sampler would accumulate that) and is well-conditioned at alpha = 0."""
-    assert plan.model_alpha is not None and plan.model_sigma is not None
-    assert plan.model_scale is not None
-    k = plan.model_scale[i]
-    own = linear(prediction, plan.model_alpha[i], plan.model_sigma[i])
+    k = view.scale[i]
+    own = linear(prediction, view.alpha[i], view.sigma[i])
     a, s = plan.alpha[i], plan.sigma[i]
     n = a * a + s * s
     v_x = a * own.eps_x * k - s * own.x0_x * k
@@ -171,117 +169,170 @@ def sample(
     sampler's own transforms (its ``--clip-sample``) keep eps_hat, as its reference does.
     ``noise(seeds, shape, noisy_steps)`` may replace the per-sample generators (for tests
     against another library's noise).
+
+    This is ``prepare(...).draw(...)``: ``diffplug.load`` keeps the prepared loop of a run
+    and draws from it as often as asked.
     """
-    if steps <= 0:
-        raise UserError(f"steps must be a positive integer; got {steps}")
-    if not seeds:
-        raise UserError("nothing to sample: no seeds given")
-    check_compatible(denoiser, scheduler, conditioner, autoencoder)
-    if conditions is not None and len(conditions) != len(seeds):
-        raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
+    loop = prepare(denoiser, scheduler, steps=steps, conditioner=conditioner,
+                   guidance=guidance, autoencoder=autoencoder, transforms=transforms,
+                   device=device, dtype=dtype)  # fmt: skip
+    return loop.draw(seeds, conditions, batch_size=batch_size, callback=callback,
+                     progress=progress, check_finite=check_finite, noise=noise)  # fmt: skip
+
+
+def prepare(
+    denoiser: Denoiser,
+    scheduler: Scheduler,
+    *,
+    steps: int,
+    conditioner: Conditioner | None = None,
+    guidance: float = 1.0,
+    autoencoder: Autoencoder | None = None,
+    transforms: Sequence[Transform] = (),
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Loop:
+    """Everything done once per run, before any step: the compatibility check, the plan,
+    the model view (bridge), the folded tables, the model's times and one preflight call."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise UserError(f"steps must be a positive integer; got {steps!r}")
+    process = planning_process(scheduler, denoiser.process)  # the model's, or bridged to it
+    check_autoencoder(denoiser, autoencoder)
+    check_conditioning(denoiser, conditioner)
     if device is None:
         device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
     device = torch.device(device)
-
-    process = planning_process(scheduler, denoiser.process)
     plan = scheduler.plan(process, steps)
-    if process is not denoiser.process:  # a model of another process: bridged, once per run
-        plan = bridge_plan(plan, denoiser.process)
+    view = model_view(scheduler, plan, denoiser.process, process)
     if (transforms or plan.transforms) and not is_pixel_space(autoencoder):
         raise IncompatibleError(
             "thresholding and --clip-sample clip x0_hat to the pixel range [-1, 1], but this "
             "model's x0 is a latent of its autoencoder, which has no such range; sample it "
             "without them"
         )
-    tables = fold(plan, denoiser.prediction)
-    fused = plan.linear and not plan.transforms and not transforms and callback is None
-    n = len(plan)
-    noisy_steps = sum(plan.noisy(i) for i in range(n))
-    model_t = plan.model_t if plan.model_t is not None else plan.t
+    tables = fold(plan, denoiser.prediction, view)
+    model_t = view.t if view is not None else plan.t
     times = list(model_t.to(device=device, dtype=dtype).unbind(0))
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
-    batch_size = batch_size or len(seeds)
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-
-    loop = _Loop(denoiser, plan, tables, list(transforms), fused, times, guidance, guided,
-                 callback, noisy_steps, noise, device, dtype)  # fmt: skip
-    was_training = denoiser.training
-    denoiser.eval()
     if conditioner is not None and conditioner.kind is not None:
         _preflight(denoiser, conditioner, times[0], device, dtype)
-    out = []
-    variants = conditioner.sweep() if conditioner is not None else [None]
-    bar = tqdm(total=n * len(batches) * len(variants), disable=not progress, desc="sampling",
-               unit="step", file=sys.stderr, leave=False)  # fmt: skip
-    try:
-        with torch.inference_mode():
-            start = 0
-            for batch_seeds in batches:
-                size = len(batch_seeds)
-                inputs = _inputs(conditioner, conditions, start, size)
-                best, best_score = None, None
-                for variant in variants:  # one, unless the conditioner sweeps (best of)
-                    cond, null = _conditioning(variant, inputs, batch_seeds, guided)
-                    x = loop.run(batch_seeds, cond, null, bar.update if progress else None)
-                    # NaN/Inf from the denoiser propagates into x: one check per batch, no
-                    # per-step sync. Only on failure is the batch replayed (same seeds) to
-                    # find the step.
-                    if check_finite and not bool(torch.isfinite(x).all()):
-                        health = torch.zeros((n, size), device=device, dtype=dtype)
-                        loop.run(batch_seeds, cond, null, None, health=health)
-                        _raise_if_nonfinite(health, batch_seeds, plan)
-                    if autoencoder is not None:
-                        x = autoencoder.decode(x)
-                    if len(variants) == 1:
-                        best = x
-                        break
-                    assert conditioner is not None and inputs is not None
-                    score = conditioner.score(x, inputs).to(x.device)
-                    if best is None or best_score is None:
-                        best, best_score = x, score
-                    else:
-                        better = score < best_score  # ties keep the earlier variant
-                        best = torch.where(better.view(-1, 1, 1, 1), x, best)
-                        best_score = torch.minimum(score, best_score)
-                out.append(best)
-                start += size
-    finally:
-        bar.close()
-        denoiser.train(was_training)
-    return torch.cat(out)
+    return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,
+                conditioner, autoencoder, sum(plan.noisy(i) for i in range(len(plan))),
+                device, dtype)  # fmt: skip
 
 
 @dataclass
-class _Loop:
-    """Everything fixed for a run; ``run`` does one batch."""
+class Loop:
+    """A prepared run: everything fixed, so ``draw`` only steps."""
 
     denoiser: Denoiser
     plan: Plan
+    view: ModelView | None
     tables: _Tables
     transforms: list
-    fused: bool
     times: list[torch.Tensor]
     guidance: float
     guided: bool
-    callback: Callable[[Step], None] | None
+    conditioner: Conditioner | None
+    autoencoder: Autoencoder | None
     noisy_steps: int
-    noise: Any
     device: torch.device
     dtype: torch.dtype
 
-    def model(self, x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond, null: Cond) -> tuple:
-        if not self.guided:
-            pred = as_tuple(self.denoiser(x, t, cond))
+    def draw(
+        self,
+        seeds: Sequence[int],
+        conditions: Sequence[Any] | None = None,
+        *,
+        batch_size: int | None = None,
+        callback: Callable[[Step], None] | None = None,
+        progress: bool = False,
+        check_finite: bool = True,
+        noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None = None,
+    ) -> torch.Tensor:
+        """``len(seeds)`` samples in the data range, sample k seeded by ``seeds[k]``."""
+        if not seeds:
+            raise UserError("nothing to sample: no seeds given")
+        if conditions is not None and len(conditions) != len(seeds):
+            raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
+        conditioner, denoiser, n = self.conditioner, self.denoiser, len(self.plan)
+        batch_size = batch_size or len(seeds)
+        batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+        variants = conditioner.sweep() if conditioner is not None else [None]
+        fused = self.plan.linear and not self.plan.transforms and not self.transforms
+        batch = _Batch(self, fused and callback is None, callback, noise)
+        was_training = denoiser.training
+        denoiser.eval()
+        out = []
+        bar = tqdm(total=n * len(batches) * len(variants), disable=not progress,
+                   desc="sampling", unit="step", file=sys.stderr, leave=False)  # fmt: skip
+        try:
+            with torch.inference_mode():
+                start = 0
+                for batch_seeds in batches:
+                    size = len(batch_seeds)
+                    inputs = _inputs(conditioner, conditions, start, size)
+                    best, best_score = None, None
+                    for variant in variants:  # one, unless the conditioner sweeps (best of)
+                        cond, null = _conditioning(variant, inputs, batch_seeds, self.guided)
+                        x = batch.run(batch_seeds, cond, null, bar.update if progress else None)
+                        # NaN/Inf from the denoiser propagates into x: one check per batch, no
+                        # per-step sync. Only on failure is the batch replayed (same seeds) to
+                        # find the step.
+                        if check_finite and not bool(torch.isfinite(x).all()):
+                            health = torch.zeros((n, size), device=self.device, dtype=self.dtype)
+                            batch.run(batch_seeds, cond, null, None, health=health)
+                            _raise_if_nonfinite(health, batch_seeds, self.plan)
+                        if self.autoencoder is not None:
+                            x = self.autoencoder.decode(x)
+                        if len(variants) == 1:
+                            best = x
+                            break
+                        assert conditioner is not None and inputs is not None
+                        score = conditioner.score(x, inputs).to(x.device)
+                        if best is None or best_score is None:
+                            best, best_score = x, score
+                        else:
+                            better = score < best_score  # ties keep the earlier variant
+                            best = torch.where(better.view(-1, 1, 1, 1), x, best)
+                            best_score = torch.minimum(score, best_score)
+                    out.append(best)
+                    start += size
+        finally:
+            bar.close()
+            denoiser.train(was_training)
+        return torch.cat(out)
+
+
+@dataclass
+class _Batch:
+    """One draw's stepping: ``run`` walks one batch through every step of the plan."""
+
+    loop: Loop
+    fused: bool
+    callback: Callable[[Step], None] | None
+    noise: Any
+
+    def model(self, x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond,
+              both: torch.Tensor | None) -> tuple:  # fmt: skip
+        """The prediction at step i; guided, both halves in one call on the per-batch
+        buffer ``both`` (x twice) with times and conditions concatenated once per batch."""
+        loop = self.loop
+        if both is None:
+            pred = as_tuple(loop.denoiser(x, t, cond))
         else:
-            both = as_tuple(self.denoiser(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, null)))
-            pred = tuple(torch.lerp(u, c, self.guidance) for c, u in (p.chunk(2) for p in both))
+            size = x.shape[0]
+            both[:size].copy_(x)
+            both[size:].copy_(x)
+            pairs = as_tuple(loop.denoiser(both, t, cond))
+            pred = tuple(torch.lerp(u, c, loop.guidance) for c, u in (p.chunk(2) for p in pairs))
         if i == 0 and (
-            len(pred) != len(self.tables.fp[i]) or any(p.shape != x.shape for p in pred)
+            len(pred) != len(loop.tables.fp[i]) or any(p.shape != x.shape for p in pred)
         ):
-            owner = type(self.denoiser)
+            owner = type(loop.denoiser)
             raise PluginError(
                 f"denoiser {owner.__module__}.{owner.__qualname__} breaks its contract: it "
-                f"declares prediction {self.denoiser.prediction!r} ({len(self.tables.fp[i])} "
+                f"declares prediction {loop.denoiser.prediction!r} ({len(loop.tables.fp[i])} "
                 f"tensor(s) of shape {tuple(x.shape)}) but returned "
                 f"{[tuple(p.shape) for p in pred]}"
             )
@@ -295,27 +346,31 @@ class _Loop:
         tick: Callable[[int], Any] | None,
         health: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        plan, tables, size = self.plan, self.tables, len(seeds)
-        shape = self.denoiser.sample_shape
+        loop = self.loop
+        plan, tables, view, size = loop.plan, loop.tables, loop.view, len(seeds)
+        shape = loop.denoiser.sample_shape
         src = (
-            self.noise(seeds, shape, self.noisy_steps)
+            self.noise(seeds, shape, loop.noisy_steps)
             if self.noise is not None
             else NoiseSource(
-                seeds, shape, steps=self.noisy_steps, device=self.device, dtype=self.dtype
+                seeds, shape, steps=loop.noisy_steps, device=loop.device, dtype=loop.dtype
             )  # fmt: skip
         )
-        x = src.initial().to(device=self.device, dtype=self.dtype) * plan.init_scale
-        plan.begin(x)
-        times = [t.expand(size) for t in self.times]  # views, made once per batch
+        x = src.initial().to(device=loop.device, dtype=loop.dtype) * plan.init_scale
+        stepper = plan.begin(x) or plan
+        calls = 2 * size if loop.guided else size
+        times = [t.expand(calls) for t in loop.times]  # views, made once per batch
+        both = x.new_empty((calls, *x.shape[1:])) if loop.guided else None
+        cond = _cat(cond, null) if loop.guided else cond  # once per batch, not per step
         noisy = [plan.noisy(i) for i in range(len(plan))]
-        scale = plan.model_scale
+        scale = view.scale if view is not None else None
         for i in range(len(plan)):
             x_in = x if scale is None else x * scale[i]
-            pred = self.model(x_in, i, times[i], cond, null)
+            pred = self.model(x_in, i, times[i], cond, both)
             if health is not None:
                 for p in pred:
                     health[i] += p.reshape(size, -1).sum(1)
-            z = src.next().to(device=self.device, dtype=self.dtype) if noisy[i] else None
+            z = src.next().to(device=loop.device, dtype=loop.dtype) if noisy[i] else None
             if self.fused:
                 x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
                 if z is not None:
@@ -325,12 +380,12 @@ class _Loop:
                 eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
                 for transform in plan.transforms:  # the sampler's own: eps_hat is kept
                     x0 = transform(x0)
-                if self.transforms:  # the caller's (thresholding): eps_hat follows x0_hat
-                    for transform in self.transforms:
+                if loop.transforms:  # the caller's (thresholding): eps_hat follows x0_hat
+                    for transform in loop.transforms:
                         x0 = transform(x0)
                     if plan.sigma[i] > 0:
                         eps = (x - x0 * plan.alpha[i]) / plan.sigma[i]
-                x_next = plan.update(i, x, x0, eps, z)
+                x_next = stepper.update(i, x, x0, eps, z)
                 if self.callback is not None:
                     self.callback(Step(i, len(plan), float(plan.t[i]), x_next, x0, seeds))
             x = x_next
@@ -368,6 +423,8 @@ def _preflight(
         if null is None:  # no null condition to try (and no guidance): the first step will tell
             return
         x = torch.zeros(1, *denoiser.sample_shape, device=device, dtype=dtype)
+        was_training = denoiser.training
+        denoiser.eval()  # as the loop will call it (batch norm, dropout)
         try:
             denoiser(x, t.reshape(1), null)
         except Exception as exc:  # whatever the plugin raised, the reason is the combination
@@ -377,6 +434,8 @@ def _preflight(
                 "conditioning) cannot read what conditioner "
                 f"{conditioner.name or type(conditioner).__name__!r} gives ({given}): {exc}"
             ) from None
+        finally:
+            denoiser.train(was_training)
 
 
 def _cat(a: Cond, b: Cond) -> Cond:

@@ -317,7 +317,7 @@ def test_run_puts_another_plugins_conditioner_under_an_imported_text_unet(make_t
     result = run_cli(*common, "--dim", "16", "-o", str(out))
     assert result.code == 0, result.err
     recipe = read_recipe(out)
-    assert recipe["conditioner"]["name"] == "text" and recipe["conditioner"]["dim"] == 16
+    assert recipe["conditioner"]["name"] == "text" and recipe["conditioner"]["options"]["dim"] == 16
     assert recipe["guidance"] == 2.0
     bare = run_cli("run", "--model", str(model), "--sampler", "ddim", "--prompt", "7", "-o",
                    str(tmp_path / "bare.png"))  # fmt: skip

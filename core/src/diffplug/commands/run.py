@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from diffplug.errors import IncompatibleError, UserError
+from diffplug.errors import UserError
 
 
 @click.command(
@@ -41,7 +41,7 @@ from diffplug.errors import IncompatibleError, UserError
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="default: the sampler's (50; adm 10)"
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="sample k uses seed+k")
+@click.option("--seed", type=int, default=None, help="sample k uses seed+k  [default: 0]")
 @click.option(
     "--num-samples",
     type=click.IntRange(min=1),
@@ -49,9 +49,17 @@ from diffplug.errors import IncompatibleError, UserError
     help="default 64, or one per --prompt when several are given",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
 @click.option(
-    "--output", "-o", default="samples.png", show_default=True, help=".png grid or .safetensors"
+    "--device",
+    default=None,
+    help="auto, cpu, cuda or mps  [default: auto: cuda, then mps, then cpu]",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="samples.png",
+    show_default=True,
+    help=".png grid, .safetensors tensor, or DIR/ (one PNG per sample)",
 )
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 @click.option(
@@ -73,6 +81,17 @@ from diffplug.errors import IncompatibleError, UserError
     "(cycled)",
 )
 @click.option("--save-stages", is_flag=True, help="with --pipeline: also write each stage's images")
+@click.option(
+    "--recipe",
+    default=None,
+    help="re-run the recipe stored in a .png or .safetensors that diffplug wrote: same "
+    "components, options, seeds and prompts, so the same pixels on the same device",
+)
+@click.option(
+    "--allow-different",
+    is_flag=True,
+    help="with --recipe: run even if a plugin version or weights file differs (a warning)",
+)
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.pass_context
 def run(ctx: click.Context, **kw: Any) -> None:
@@ -80,261 +99,126 @@ def run(ctx: click.Context, **kw: Any) -> None:
     from diffplug.output import check_output_path
     from diffplug.resolve import parse_extra_options
 
-    output = check_output_path(kw.pop("output"), kw["overwrite"])
+    output = check_output_path(kw["output"], kw["overwrite"], folders=True)
     extra = parse_extra_options(list(ctx.args))
-    prompts = list(kw.pop("prompts"))
+    prompts = list(kw["prompts"])
     if kw["guidance"] is not None and not math.isfinite(kw["guidance"]):
         raise UserError("--guidance must be a finite number")
-    if kw["num_samples"] is None:
-        kw["num_samples"] = len(prompts) if len(prompts) > 1 else 64
-    if kw["pipeline"] is not None:
+    if kw["recipe"] is not None:
+        given = [f"--{k.replace('_', '-')}" for k in RECIPE_FIXES if kw[k] is not None]
+        given += [f"--{k.replace('_', '-')}" for k in extra]
+        if prompts:
+            given.append("--prompt")
+        if given:
+            raise UserError(
+                f"--recipe fixes the whole run; do not also give {', '.join(given)} "
+                "(only -o, --overwrite, --device, --batch-size, --allow-different, --quiet)"
+            )
+    elif kw["allow_different"]:
+        raise UserError("--allow-different goes with --recipe")
+    elif kw["pipeline"] is not None:
         if kw["sampler"] or kw["model"] or kw["condition_images"] or kw["conditioner"]:
             raise UserError(
                 "--pipeline runs its own stages: --sampler, --model, --conditioner and "
                 "--condition-images are its options (`diffplug info PIPELINE`)"
             )
-        # the loop's own options, given, set the pipeline's (base stage) ones
-        shared = {"guidance": "guidance", "threshold": "threshold",
-                  "threshold_percentile": "percentile", "steps": "base_steps"}  # fmt: skip
-        for flag, key in shared.items():
-            if kw[flag] is not None:
-                extra[key] = str(kw[flag])
-        _run_pipeline(output=output, options=extra, prompts=prompts, **kw)
+    else:
+        if kw["save_stages"]:
+            raise UserError("--save-stages needs --pipeline")
+        if not kw["sampler"]:
+            raise UserError(
+                "missing --sampler (or --pipeline); `diffplug list samplers` names them"
+            )
+    kw["seed"] = kw["seed"] or 0
+    stage_paths = _stage_paths(output, kw) if kw["save_stages"] else []
+    _sample(output, stage_paths, extra, prompts, kw)
+
+
+#: flags a recipe already fixes
+RECIPE_FIXES = ("sampler", "model", "pipeline", "conditioner", "guidance", "steps", "seed",
+                "num_samples", "threshold", "threshold_percentile", "condition_images")  # fmt: skip
+
+
+def _stage_paths(output: Path, kw: dict[str, Any]) -> list[Path]:
+    """Where --save-stages writes, checked before any work (the stage count is the
+    pipeline's: every name it could use is checked)."""
+    from diffplug.output import check_output_path, is_folder_target
+
+    if is_folder_target(output):
+        raise UserError("--save-stages writes files beside -o FILE; give a .png or .safetensors")
+    paths = [output.with_name(f"{output.stem}.stage{k}{output.suffix}") for k in range(8)]
+    for path in paths:
+        if path.exists():
+            check_output_path(path, kw["overwrite"])
+    return paths
+
+
+def _sample(
+    output: Path, stage_paths: list[Path], extra: dict[str, str], prompts: list[str],
+    kw: dict[str, Any],
+) -> None:  # fmt: skip
+    """Load once, sample (sharded across torchrun's processes), write on rank 0."""
+    import diffplug
+    from diffplug import distributed
+    from diffplug.run import Run, resolve_device
+    from diffplug.samples import Samples
+
+    device = distributed.local_device(resolve_device(kw["device"]))
+    if kw["recipe"] is not None:
+        run = diffplug.load(recipe=kw["recipe"], device=device,
+                            allow_different=kw["allow_different"])  # fmt: skip
+    else:
+        run = diffplug.load(
+            model=kw["model"], sampler=kw["sampler"], pipeline=kw["pipeline"],
+            steps=kw["steps"], conditioner=kw["conditioner"], guidance=kw["guidance"],
+            threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
+            **extra,
+        )  # fmt: skip
+    quiet = kw["quiet"]
+    if not isinstance(run, Run):  # a pipeline: its stages shard nothing, rank 0 does it all
+        rank, _ = distributed.world()
+        if rank != 0:
+            return
+        n = kw["num_samples"] or (len(prompts) if len(prompts) > 1 else None)
+        n = n if n is not None or run.defaults else 64
+        samples = run.sample(n, seed=kw["seed"], prompt=prompts or None,
+                             batch_size=kw["batch_size"], progress=not quiet)  # fmt: skip
+        for k, stage in enumerate(samples.stages[:-1] if stage_paths else []):
+            stage.save(stage_paths[k], overwrite=True)
+            print(f"diffplug: wrote stage {k} to {stage_paths[k]}", file=sys.stderr)
+        _write(samples, output, kw["overwrite"])
         return
-    kw["threshold"] = kw["threshold"] or "none"
-    kw["threshold_percentile"] = kw["threshold_percentile"] or 0.995
-    if kw["save_stages"]:
-        raise UserError("--save-stages needs --pipeline")
-    if not kw["sampler"]:
-        raise UserError("missing --sampler (or --pipeline); `diffplug list samplers` names them")
-    _run(output=output, extra_options=extra, prompts=prompts, **kw)
-
-
-def _run_pipeline(output: Path, options: dict[str, str], prompts: list[str], **kw: Any) -> None:
-    import torch
-
-    from diffplug import __version__
-    from diffplug.output import write_samples
-    from diffplug.registry import default_registry
-
-    registry = default_registry()
-    entry = registry.get("pipeline", kw["pipeline"])
-    cls = entry.load()
-    from diffplug.options import build_config
-
-    pipeline = entry.construct(build_config(cls.Config, options, owner=f"pipeline {entry.name!r}"))
-    pipeline.name = entry.name
-    seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
-    cycled = [prompts[k % len(prompts)] for k in range(len(seeds))] if prompts else None
-    stages = pipeline.run(
-        prompts=cycled,
-        seeds=seeds,
-        batch_size=kw["batch_size"],
-        device=_device(kw["device"]),
-        progress=not kw["quiet"],
-    )
-    base = {
-        "pipeline": entry.name,
-        "prompts": cycled,
-        "seeds": seeds,
-        "versions": {"diffplug": __version__, "torch": torch.__version__}
-        | {p.name: p.version for p in registry.plugins.values()},
-    }
-    if kw["save_stages"]:
-        for k, stage in enumerate(stages[:-1]):
-            path = output.with_name(f"{output.stem}.stage{k}{output.suffix}")
-            if path.exists() and not kw["overwrite"]:
-                raise UserError(f"{path} exists; pass --overwrite to replace it")
-            write_samples(stage.images, path, {**base, "stage": k, **stage.recipe})
-            print(f"diffplug: wrote stage {k} ({stage.name}) to {path}", file=sys.stderr)
-    final = stages[-1]
-    recipe = {**base, "stages": [s.recipe for s in stages]}
-    write_samples(final.images, output, recipe)
-    print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
-
-
-def _run(output: Path, extra_options: dict[str, str], prompts: list[str], **kw: Any) -> None:
-    import torch
-
-    from diffplug import __version__, distributed
-    from diffplug.output import write_samples
-    from diffplug.registry import default_registry
-    from diffplug.resolve import build_scheduler, default_model, load_model
-    from diffplug.sampling import sample
-    from diffplug.transforms import thresholds
-
-    registry = default_registry()
-    sampler_cls = registry.load("scheduler", kw["sampler"])
-    sampler_options, conditioner_options = _split_options(sampler_cls, extra_options)
-    scheduler = build_scheduler(registry, kw["sampler"], sampler_options)
-    if kw["steps"] is None:
-        kw["steps"] = scheduler.default_steps
-    device = distributed.local_device(_device(kw["device"]))
-    model_name = kw["model"] or default_model(registry, scheduler)
-    denoiser, label = load_model(registry, model_name, device=device)
-    chosen = None
-    if kw["conditioner"]:  # in place of the recorded one; the model's condition shape
-        from diffplug.conditioners import build_conditioner
-
-        shape = {"channels": denoiser.sample_shape[0],
-                 "low_size": getattr(denoiser.config, "low_size", None)}  # fmt: skip
-        chosen = build_conditioner(registry, kw["conditioner"], conditioner_options, shape).eval()
-        conditioner_options = {}
-    conditioner, conditions = _conditions(registry, denoiser, label, kw, prompts, chosen)
-    from diffplug.latent import recorded_autoencoder
-
-    autoencoder = recorded_autoencoder(denoiser, registry)  # latent models decode through it
-    if conditioner_options:
-        if conditioner is None:
-            sampler_options.update(conditioner_options)  # let the sampler name the bad option
-            build_scheduler(registry, kw["sampler"], sampler_options)
-        from diffplug.pipeline import configure
-
-        conditioner = configure(conditioner, conditioner_options)
-    guidance = kw["guidance"]
-    if guidance is None:
-        guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
-    if guidance != 1.0 and conditioner is None:
-        raise UserError(f"--guidance: model {label} is unconditional; there is nothing to guide")
-    transforms = thresholds(kw["threshold"], kw["threshold_percentile"])
-    seeds = list(range(kw["seed"], kw["seed"] + kw["num_samples"]))
-    from diffplug.bridge import planning_process
-
-    process = planning_process(scheduler, denoiser.process)  # another process: bridged
-    plan_info = scheduler.plan(process, kw["steps"]).info
+    n = kw["num_samples"] or (len(prompts) if len(prompts) > 1 else 64)
+    prompts = prompts or run.defaults.get("prompts") or []
+    images = kw["condition_images"] or run.defaults.get("condition_images")
+    seeds = list(run.defaults["seeds"]) if kw["recipe"] else _seeds(kw["seed"], n)
+    conditions = run.conditions(len(seeds), prompts or None, images)
     rank, size = distributed.world()
     with distributed.process_group(device):
         mine = distributed.shard(seeds, kw["batch_size"], rank, size)
-        local = (
-            sample(
-                denoiser,
-                scheduler,
-                steps=kw["steps"],
-                seeds=mine,
-                batch_size=kw["batch_size"],
-                conditioner=conditioner.to(device) if conditioner is not None else None,
-                conditions=[conditions[s - kw["seed"]] for s in mine] if conditions else None,
-                guidance=guidance,
-                autoencoder=autoencoder,
-                transforms=transforms,
-                progress=not kw["quiet"] and rank == 0,
-                device=device,
-            )
-            if mine
-            else torch.zeros((0, *_image_shape(denoiser, autoencoder)), device=device)
+        index = {s: k for k, s in enumerate(seeds)}
+        local = run.draw(
+            mine,
+            [conditions[index[s]] for s in mine] if conditions else None,
+            batch_size=kw["batch_size"],
+            progress=not quiet and rank == 0,
         )
-        samples = distributed.gather(local, len(seeds), kw["batch_size"], rank, size)
-    if samples is None:  # not rank 0: rank 0 writes
+        gathered = distributed.gather(local, len(seeds), kw["batch_size"], rank, size)
+    if gathered is None:  # not rank 0: rank 0 writes
         return
-    import dataclasses
+    from diffplug.output import to_unit
 
-    recipe = {
-        "sampler": {"name": scheduler.name, "options": dataclasses.asdict(scheduler.config)},
-        "model": {"name": label, "config": dataclasses.asdict(denoiser.config)},
-        "steps": kw["steps"],
-        "timesteps": plan_info.get("timesteps"),
-        "seeds": seeds,
-        "threshold": kw["threshold"],
-        "guidance": guidance,
-        **(
-            {"bridged": {"from": denoiser.process.spec(), "to": process.spec()}}
-            if process is not denoiser.process
-            else {}
-        ),
-        "device": str(device),
-        **(
-            {"autoencoder": denoiser.checkpoint_extra["autoencoder"]["source"]}
-            if autoencoder is not None
-            else {}
-        ),
-        **(
-            {
-                "conditioner": {"name": conditioner.name, **dataclasses.asdict(conditioner.config)},
-                "condition_images": kw["condition_images"],
-                "prompts": [conditions[k] for k in range(len(seeds))] if prompts else None,
-            }
-            if conditioner is not None
-            else {}
-        ),
-        "versions": {"diffplug": __version__, "torch": torch.__version__}
-        | {p.name: p.version for p in registry.plugins.values()},
-    }
-    write_samples(samples, output, recipe)
-    print(f"diffplug: wrote {len(seeds)} samples to {output}", file=sys.stderr)
+    recipe = run.recipe_for(seeds, prompts or None, images, len(seeds))
+    _write(Samples(to_unit(gathered), recipe), output, kw["overwrite"])
 
 
-def _image_shape(denoiser: Any, autoencoder: Any) -> tuple[int, ...]:
-    shape = denoiser.sample_shape
-    return tuple(autoencoder.image_shape(shape)) if autoencoder is not None else shape
+def _seeds(seed: int, n: int) -> list[int]:
+    if seed < 0 or seed + n > 2**64:
+        raise UserError(f"--seed: seeds {seed} .. {seed + n - 1} must lie in 0 .. 2^64-1")
+    return list(range(seed, seed + n))
 
 
-def _split_options(
-    sampler_cls: Any, options: dict[str, str]
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Extra options the sampler owns, and the rest (for the model's conditioner)."""
-    from diffplug.options import describe
-
-    owned = {o.name for o in describe(sampler_cls.Config)}
-    mine = {k: v for k, v in options.items() if k in owned}
-    return mine, {k: v for k, v in options.items() if k not in owned}
-
-
-def _conditions(
-    registry: Any,
-    denoiser: Any,
-    label: str,
-    kw: dict[str, Any],
-    prompts: list[str],
-    chosen: Any = None,
-) -> tuple[Any, Any]:
-    """The chosen or the model's recorded conditioner, and one input per sample (prompts or
-    images)."""
-    from diffplug.conditioners import load_condition_images, recorded_conditioner
-    from diffplug.sampling import check_conditioning
-
-    conditioner = chosen if chosen is not None else recorded_conditioner(denoiser, registry)
-    try:  # before the prompt and image checks below, which assume a fit
-        check_conditioning(denoiser, conditioner)
-    except IncompatibleError as exc:
-        raise IncompatibleError(f"model {label}: {exc}") from None
-    if conditioner is not None and conditioner.kind is None:
-        conditioner = None  # --conditioner none on an unconditional model
-    kind = getattr(conditioner, "kind", None)
-    if prompts and kind != "text":
-        raise UserError(f"--prompt: model {label} is not text-conditional")
-    if kind == "text":
-        if kw["condition_images"] is not None:
-            raise UserError(f"--condition-images: model {label} is text-conditional")
-        if not prompts:
-            raise UserError(
-                f"model {label} is text-conditional: pass --prompt TEXT (repeat it for one per "
-                'sample; --prompt "" samples unconditionally)'
-            )
-        return conditioner, [prompts[k % len(prompts)] for k in range(kw["num_samples"])]
-    path = kw["condition_images"]
-    if conditioner is None or conditioner.kind != "image":
-        if path is not None:
-            raise UserError(f"--condition-images: model {label} is not image-conditional")
-        return conditioner, None
-    if path is None:
-        raise UserError(
-            f"model {label} is conditioned on an image ({conditioner.name}): pass "
-            "--condition-images FOLDER (or a samples .safetensors), one image per sample"
-        )
-    channels = getattr(conditioner.config, "channels", denoiser.sample_shape[0])
-    images = load_condition_images(path, denoiser.sample_shape[-1], channels)
-    return conditioner, [images[k % len(images)] for k in range(kw["num_samples"])]
-
-
-def _device(name: str | None) -> Any:
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return device
+def _write(samples: Any, output: Path, overwrite: bool) -> None:
+    path = samples.save(output, overwrite=overwrite)
+    where = f"{path}/" if path.is_dir() else str(path)
+    print(f"diffplug: wrote {len(samples)} samples to {where}", file=sys.stderr)

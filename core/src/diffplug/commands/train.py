@@ -19,7 +19,8 @@ from diffplug.errors import OptionError, UserError
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     epilog="Other --OPTIONs go to the method, the denoiser, the conditioner or the loop, "
-    "whichever has them (`diffplug info METHOD`, `diffplug info unet`, `diffplug info lowres`).",
+    "whichever has them (`diffplug info METHOD`, `diffplug info DENOISER`, "
+    "`diffplug info lowres`).",
 )
 @click.option("--method", required=True, help="training method (`diffplug list methods`)")
 @click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
@@ -71,21 +72,32 @@ def train(ctx: click.Context, **kw: Any) -> None:
     _train(out, extras, **kw)
 
 
+def _no_default_model(registry: Any, method: str, kind: str) -> str:
+    """Why training cannot start: the method names no default model, so one must be chosen."""
+    installed = ", ".join(registry.names(kind)) or "none installed"
+    return (
+        f"method {method} names no default {kind}: pass --denoiser NAME "
+        f"(installed {kind}s: {installed})"
+    )
+
+
 def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     import dataclasses
 
     import torch
 
-    from diffplug.commands.run import _device
     from diffplug.data import load_data
     from diffplug.options import build_config, describe
     from diffplug.registry import default_registry
+    from diffplug.run import resolve_device
     from diffplug.training import TrainConfig, check_conditioner, check_guidance, train
 
     registry = default_registry()
     method_cls = registry.load("method", kw["method"])
     kind = method_cls.trains  # "denoiser", or another component kind (an autoencoder)
     denoiser_name = kw["denoiser"] or method_cls.default_denoiser
+    if denoiser_name is None:
+        raise UserError(_no_default_model(registry, kw["method"], kind))
     denoiser_cls = registry.load(kind, denoiser_name)
 
     def owned(cls: type) -> set[str]:
@@ -177,7 +189,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
                 item.unlink()
     from diffplug import distributed
 
-    device = distributed.local_device(_device(kw["device"]))
+    device = distributed.local_device(resolve_device(kw["device"]))
     rank, size = distributed.world()
     params = sum(p.numel() for p in denoiser.parameters())
     log = print if rank == 0 else (lambda *a, **k: None)

@@ -65,39 +65,32 @@ def run_cell(sampler: str, model: str, mode: str = "conditional", n: int = 200,
              registry: Any = None) -> Cell:  # fmt: skip
     """Sample one cell (or record why it is refused) and score it; a conditional model is
     guided by ``guidance``, default the weight its checkpoint recommends."""
-    from diffplug.conditioners import LowResConditioner, recorded_conditioner
+    from diffplug.checkpoint import read_metadata
     from diffplug.evaluate import classify, evaluate
-    from diffplug.latent import recorded_autoencoder
     from diffplug.registry import default_registry
-    from diffplug.resolve import build_scheduler, load_model
-    from diffplug.sampling import check_compatible, sample
+    from diffplug.resolve import model_path
+    from diffplug.run import Run
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     registry = registry or default_registry()
-    denoiser, _ = load_model(registry, model)
-    conditioner = None
-    if mode == "conditional":  # as trained; an unconditional model gets an image condition
-        conditioner = recorded_conditioner(denoiser, registry)
-        if conditioner is None:
-            conditioner = LowResConditioner()
-            conditioner.name = "lowres"
-    autoencoder = recorded_autoencoder(denoiser, registry)
-    cell = Cell(sampler, model, mode, denoiser.conditioning or "none",
-                "latent" if autoencoder is not None else "pixel")  # fmt: skip
-    scheduler = build_scheduler(registry, sampler, {})
+    meta = read_metadata(model_path(registry, model)[0])
+    conditioning = meta["config"].get("conditioning") or "none"
+    space = "latent" if meta["extra"].get("autoencoder") else "pixel"
+    cell = Cell(sampler, model, mode, conditioning, space)
+    # conditional: as trained, an unconditional model gets core's image conditioner;
+    # unconditional: no conditioner at all
+    chosen = None if conditioning != "none" else "lowres"
     try:
-        check_compatible(denoiser, scheduler, conditioner, autoencoder)
+        run = Run(registry, sampler=sampler, model=model, steps=steps,
+                  conditioner=chosen if mode == "conditional" else "none", autoencoder=None,
+                  guidance=guidance if mode == "conditional" else None, threshold=None,
+                  percentile=None, device=torch.device("cpu"), options={})  # fmt: skip
     except IncompatibleError as exc:
         cell.refused = str(exc)
         return cell
-    conditions, labels = conditions_for(conditioner, n)
-    if guidance is None:
-        guidance = float(getattr(denoiser, "checkpoint_extra", {}).get("guidance", 1.0))
-    images = sample(denoiser, scheduler, steps=steps or scheduler.default_steps,
-                    seeds=list(range(n)), conditioner=conditioner, conditions=conditions,
-                    guidance=guidance if conditioner is not None else 1.0,
-                    autoencoder=autoencoder, batch_size=250)  # fmt: skip
+    conditions, labels = conditions_for(run.conditioner, n)
+    images = run.draw(list(range(n)), conditions, batch_size=250)
     scores = evaluate(images)
     cell.digits_fd, cell.floor = scores["digits_fd"], scores["floor"]
     cell.detail_ratio, cell.memorised = scores["detail_ratio"], scores["memorised_share"]

@@ -1,7 +1,7 @@
 """The example plugin's own tests, written with diffplug.testing only."""
 
 import diffplug_dpmsolver.plugin as plugin
-from diffplug.sampling import sample
+from diffplug import sample
 from diffplug.testing import (
     check_sampler_deterministic,
     check_scheduler,

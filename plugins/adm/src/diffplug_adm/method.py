@@ -9,7 +9,7 @@ network outputs, so every t trains at a comparable scale).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,7 +29,7 @@ class ADMMethod(Method):
     """Decoupled diffusion (Huang et al. 2023): the (c, eps) regression."""
 
     Config = ADMMethodConfig
-    default_denoiser = "dual-unet"
+    default_denoiser: ClassVar[str | None] = "dual-unet"
 
     def process_spec(self) -> dict[str, Any]:
         return {"name": "decoupled", "t_min": self.config.t_min}

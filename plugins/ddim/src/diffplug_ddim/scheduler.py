@@ -18,7 +18,9 @@ from diffplug.vp_sampler import VPSampler, VPSamplerConfig
 
 @dataclass
 class DDIMConfig(VPSamplerConfig):
-    eta: float = option(0.0, "noise scale: 0 deterministic, 1 = DDPM's posterior variance", min=0.0)
+    eta: float = option(
+        0.0, "noise scale: 0 deterministic, 1 = DDPM's posterior variance", min=0.0, max=1.0
+    )
 
 
 class DDIM(VPSampler):

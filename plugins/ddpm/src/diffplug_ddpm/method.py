@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,6 +27,7 @@ class DDPMMethod(Method):
     """Ho et al. 2020: t ~ U{0..T-1}, loss |target - output|^2 (eps, x0 or v targets)."""
 
     Config = DDPMMethodConfig
+    default_denoiser: ClassVar[str | None] = "unet"
 
     def process_spec(self) -> dict[str, Any]:
         c = self.config

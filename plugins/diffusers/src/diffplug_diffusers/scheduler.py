@@ -1,17 +1,17 @@
 """Any diffusers scheduler as a diffplug sampler: ``--sampler diffusers --scheduler-class X``.
 
 diffusers schedulers are stateful objects whose ``step(model_output, t, x)`` is not the
-loop's linear form, so the plan subclasses ``Plan`` with ``linear = False``: the loop hands
-``update`` the pair (x0_hat, eps_hat), which is turned into the model output the scheduler
-expects for its ``prediction_type`` (eps_hat, x0_hat or v) and stepped. ``begin`` makes a
-fresh scheduler before every batch (and sweep variant, and replay), so multistep history
-never leaks from one batch into the next.
+loop's linear form, so the plan subclasses ``Plan`` with ``linear = False``: ``begin`` makes
+a stepper holding a fresh diffusers scheduler for every batch (and sweep variant, and
+replay), so multistep history never leaks from one batch into the next; its ``update`` turns
+the pair (x0_hat, eps_hat) into the model output the scheduler expects for its
+``prediction_type`` (eps_hat, x0_hat or v) and steps.
 
 The scheduler is built on the model's own VP process (betas, T, zero-SNR rescaling); the
 plan is read off it once per run by a dry run on a 1-element sample: its timesteps, the
 input scaling ``scale_model_input`` applies (1 for DDPM-family schedulers; 1/sqrt(1 + s^2)
-for the sigma-space k-diffusion ones, Euler, Heun, LMS, KDPM2, which diffplug's plan applies
-as ``model_scale``), and the steps at which it draws noise. Noise comes from the loop's
+for the sigma-space k-diffusion ones, Euler, Heun, LMS, KDPM2, which the sampler's model view
+applies: ``model_view``), and the steps at which it draws noise. Noise comes from the loop's
 per-sample streams: as ``variance_noise`` where ``step`` takes it, else returned by the
 scheduler module's ``randn_tensor`` (patched for the duration of the step), so samples
 depend on their seeds only, whatever the batch.
@@ -31,12 +31,18 @@ from typing import Any
 
 import torch
 
-from diffplug.components import Scheduler
-from diffplug.errors import IncompatibleError, OptionError, PluginError, UserError
-from diffplug.options import option
-from diffplug.plan import Plan
-from diffplug.process import Process
-from diffplug.vp import VP
+from diffplug import (
+    VP,
+    IncompatibleError,
+    ModelView,
+    OptionError,
+    Plan,
+    PluginError,
+    Process,
+    Scheduler,
+    UserError,
+    option,
+)
 
 #: scheduler options that come from the model's process, never from the user.
 PROCESS_KEYS = (
@@ -237,27 +243,40 @@ class DiffusersPlan(Plan):
             raise UserError(f"{self.scheduler_cls.__name__}: {exc}") from None
         return sched
 
-    def begin(self, x: torch.Tensor) -> None:
-        self._scheduler = self.fresh_scheduler(x.device)  # every batch: a scheduler without history
-        self._module = sys.modules[type(self._scheduler).__module__]  # where randn_tensor lives
+    #: the input scale ``scale_model_input`` applies at each step (sigma-space schedulers)
+    input_scale: list[float] | None = None
+
+    def begin(self, x: torch.Tensor) -> _Stepper:
+        return _Stepper(self, self.fresh_scheduler(x.device))
+
+
+@dataclass
+class _Stepper:
+    """One batch's diffusers scheduler, with the history its ``step`` keeps."""
+
+    plan: DiffusersPlan
+    scheduler: Any
+
+    def __post_init__(self) -> None:
+        self.module = sys.modules[type(self.scheduler).__module__]  # where randn_tensor lives
 
     def update(
         self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
     ) -> torch.Tensor:
-        sched = self._scheduler
-        if self.prediction_type == "epsilon":
+        plan, sched = self.plan, self.scheduler
+        if plan.prediction_type == "epsilon":
             out = eps
-        elif self.prediction_type == "sample":
+        elif plan.prediction_type == "sample":
             out = x0
         else:  # v of the scheduler's VP parametrisation
-            out = eps * self.vp_alpha[i] - x0 * self.vp_sigma[i]
-        kwargs = dict(self.step_kwargs)
-        if z is not None and self.takes_variance_noise:
+            out = eps * plan.vp_alpha[i] - x0 * plan.vp_sigma[i]
+        kwargs = dict(plan.step_kwargs)
+        if z is not None and plan.takes_variance_noise:
             kwargs["variance_noise"] = z
         if hasattr(sched, "is_scale_input_called"):
-            sched.is_scale_input_called = True  # the loop scaled x by model_scale
+            sched.is_scale_input_called = True  # the loop scaled x through the model view
         noise = z if z is not None else x.new_zeros  # unused noise some steps draw: zeros
-        with _noise_from(self._module, noise):
+        with _noise_from(self.module, noise):
             return sched.step(out, sched.timesteps[i], x, return_dict=False, **kwargs)[0]
 
 
@@ -371,6 +390,18 @@ class DiffusersScheduler(Scheduler):
     def native_process(self) -> Process | None:
         return VP()  # a model of another process is bridged to DDPM's default VP
 
+    def model_view(self, plan: Plan, model_process: Process) -> ModelView | None:
+        """A sigma-space plan (x = x0 + s*eps) calls the VP model it was made on at the
+        scheduler's own timesteps on ``scale_model_input``'s x*k: alpha = k, sigma = k*s
+        there. Any other model is core's to bridge."""
+        if not isinstance(plan, DiffusersPlan) or plan.input_scale is None:
+            return None
+        if self.supports(model_process) is not None:
+            return None  # planned on the native process: core bridges from the plan's SNRs
+        k = plan.input_scale
+        sigma = [a * v for a, v in zip(k, plan.sigma, strict=True)]
+        return ModelView(plan.t.clone(), list(k), list(k), sigma, {})
+
     def make(self, process: VP) -> tuple[Any, dict[str, Any]]:
         """A diffusers scheduler of this class on ``process`` with the user's options, and
         the config it was built from."""
@@ -456,10 +487,7 @@ class DiffusersScheduler(Scheduler):
         return DiffusersPlan(
             alpha=[1.0] * n,
             sigma=sig,
-            model_t=t.clone(),
-            model_scale=k,
-            model_alpha=list(k),
-            model_sigma=[a * v for a, v in zip(k, sig, strict=True)],
+            input_scale=k,
             vp_alpha=list(k),
             vp_sigma=[a * v for a, v in zip(k, sig, strict=True)],
             **common,

@@ -71,7 +71,7 @@ class VAEMethod(Method):
 
     Config = VAEMethodConfig
     trains: ClassVar[str] = "autoencoder"
-    default_denoiser: ClassVar[str] = "kl-vae"
+    default_denoiser: ClassVar[str | None] = "kl-vae"
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)

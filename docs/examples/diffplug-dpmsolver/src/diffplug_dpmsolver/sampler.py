@@ -3,8 +3,8 @@
 With lambda = log(alpha/sigma) and h = lambda_next - lambda_t, one step is
 x_next = (sigma_next/sigma_t)*x - alpha_next*(exp(-h) - 1)*D, where D = x0_hat on the first
 and last step and D = (1 + 1/(2r))*x0_hat - 1/(2r)*x0_prev otherwise (r = h_prev/h).
-The update remembers the previous x0_hat, so it is not the loop's linear form: the plan
-overrides ``update``.
+The update remembers the previous x0_hat, so it is not the loop's linear form: the plan's
+``begin`` returns a per-batch stepper whose ``update`` keeps that history.
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffplug import Plan, Scheduler
-from diffplug.errors import UserError
-from diffplug.options import option
-from diffplug.process import Process
-from diffplug.vp import VP
-from diffplug.vp_sampler import transitions
+from diffplug import VP, Plan, Process, Scheduler, UserError, option, transitions
 
 
 @dataclass
@@ -31,24 +26,31 @@ class DPMSolverConfig:
 
 @dataclass
 class MultistepPlan(Plan):
-    """Adds the second-order correction, using the x0_hat of the previous step."""
+    """The DPM-Solver++ tables plus each step's lambda = log(alpha/sigma)."""
 
     lam: list[float] | None = None
     linear = False
 
-    def begin(self, x: torch.Tensor) -> None:
-        self._prev: torch.Tensor | None = None  # no history crosses batches
+    def begin(self, x: torch.Tensor) -> _History:
+        return _History(self)  # no history crosses batches
+
+
+@dataclass
+class _History:
+    """One batch's stepping: the second-order correction uses the previous x0_hat."""
+
+    plan: MultistepPlan
+    prev: torch.Tensor | None = None
 
     def update(
         self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
     ) -> torch.Tensor:
-        d = x0
-        last = i == len(self) - 1
-        if self._prev is not None and not last and self.lam is not None:
-            r = (self.lam[i] - self.lam[i - 1]) / (self.lam[i + 1] - self.lam[i])
-            d = x0 * (1 + 1 / (2 * r)) - self._prev * (1 / (2 * r))
-        self._prev = x0
-        return x * self.a[i] + d * self.b[i]
+        plan, d = self.plan, x0
+        if self.prev is not None and i < len(plan) - 1 and plan.lam is not None:
+            r = (plan.lam[i] - plan.lam[i - 1]) / (plan.lam[i + 1] - plan.lam[i])
+            d = x0 * (1 + 1 / (2 * r)) - self.prev * (1 / (2 * r))
+        self.prev = x0
+        return x * plan.a[i] + d * plan.b[i]
 
 
 class DPMSolver2M(Scheduler):
