@@ -13,9 +13,8 @@ import time
 
 import torch
 
+import diffplug
 from benchmarks.common import table, write_section
-from diffplug.registry import default_registry
-from diffplug.resolve import build_scheduler, load_model
 from diffplug.sampling import sample
 
 BATCH, STEPS = 256, 50
@@ -40,9 +39,8 @@ def run() -> str:
 Not measured: no GPU was lent to the sessions that ran these benchmarks. On a CUDA machine,
 `uv run python benchmarks/run.py gpu` fills this section (throughput eager, with
 `torch.compile`, with CUDA graphs, and the no-sync-per-step check)."""
-    registry = default_registry()
-    scheduler = build_scheduler(registry, "ddim", {})
-    model, name = load_model(registry, "ddpm-digits", device="cuda")
+    run = diffplug.load(sampler="ddim", model="ddpm-digits", device="cuda")
+    scheduler, model, name = run.scheduler, run.denoiser, run.model_name
     rows = [["eager", f"{_throughput(model, scheduler):.0f}"]]
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+import diffplug
 from benchmarks.common import ROOT, machine, table, write_section
 from diffplug.errors import IncompatibleError
 from diffplug.evaluate import evaluate
 from diffplug.registry import default_registry
-from diffplug.resolve import default_model, load_model
 from diffplug.sampling import sample
 from diffplug.testing import circle_mixture
 from diffplug.testing.mixture import mixture_for
@@ -82,21 +82,16 @@ def run() -> str:
 
     digit_rows, digit_curves, digit_floor, models = [], {}, None, {}
     for name, options in samplers:
-        scheduler = registry.load("scheduler", name).from_options(**options)
-        scheduler.name = name
-        try:
-            model_name = default_model(registry, scheduler)
+        try:  # each step count is one run: resolved, planned and folded once
+            runs = [diffplug.load(sampler=name, steps=n, **options) for n in DIGIT_STEPS]
         except IncompatibleError:
             continue  # no shipped model for this sampler's process
-        if model_name == "gmm-digits":
+        if runs[0].model_name == "gmm-digits":
             continue  # the oracle is not a trained model
-        model, _ = load_model(registry, model_name)
-        models[label(name, options)] = model_name
+        models[label(name, options)] = model_name = runs[0].model_name
         values = []
-        for n in DIGIT_STEPS:
-            report = evaluate(
-                sample(model, scheduler, steps=n, seeds=range(DIGITS_N), batch_size=250)
-            )
+        for run in runs:
+            report = evaluate(run.draw(range(DIGITS_N), batch_size=250))
             values.append(report["digits_fd"])
             digit_floor = report["floor"]
         digit_curves[label(name, options)] = values

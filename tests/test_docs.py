@@ -26,9 +26,8 @@ DOCS = ROOT / "docs"
 SITE_PAGES = sorted(DOCS.glob("*.md"))
 PAGES = [ROOT / "README.md", *SITE_PAGES]
 
-# pages whose examples drive the whole run API (`diffplug.load`, `Run`), which is still
-# being written: they may fail until it lands
-RUN_API_PAGES = {"README.md", "docs/python.md"}
+# pages whose examples sample real models (seconds each)
+SAMPLING_PAGES = {"README.md", "docs/python.md"}
 
 
 def rel(path: Path) -> str:
@@ -169,15 +168,7 @@ def _page_params() -> list:
     for page in PAGES:
         if not page.exists() or not python_blocks(page):
             continue
-        marks = []
-        if rel(page) in RUN_API_PAGES:
-            marks = [
-                pytest.mark.slow,
-                pytest.mark.xfail(
-                    strict=False,
-                    reason="diffplug.load / Run (diffplug.run) are still being written",
-                ),
-            ]
+        marks = [pytest.mark.slow] if rel(page) in SAMPLING_PAGES else []
         params.append(pytest.param(page, id=rel(page), marks=marks))
     return params
 
