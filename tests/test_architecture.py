@@ -39,9 +39,13 @@ def imports(path: Path, *, top_level_only: bool) -> list[tuple[str, int]]:
                 continue
             if isinstance(child, ast.Import) and not (top_level_only and in_function):
                 found.extend((alias.name, child.lineno) for alias in child.names)
-            elif isinstance(child, ast.ImportFrom) and not (top_level_only and in_function):
-                if child.level == 0 and child.module:
-                    found.append((child.module, child.lineno))
+            elif (
+                isinstance(child, ast.ImportFrom)
+                and not (top_level_only and in_function)
+                and child.level == 0
+                and child.module
+            ):
+                found.append((child.module, child.lineno))
             visit(child, nested)
 
     visit(tree, False)
