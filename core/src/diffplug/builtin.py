@@ -11,6 +11,27 @@ def register_processes(register: Register) -> None:
     register("vp", "diffplug.vp:VP", "DDPM's discrete variance-preserving process")
 
 
+#: (name, class in diffplug.schedules, summary): listed here so that listing imports no torch
+SCHEDULES = [
+    ("normal", "Normal", "the model's own timesteps at a spacing (the default)"),
+    ("karras", "Karras", "Karras et al.: evenly spaced in level^(1/rho)"),
+    ("exponential", "Exponential", "evenly spaced in log level"),
+    ("polyexponential", "Polyexponential", "log level along a polynomial ramp"),
+    ("sgm-uniform", "SGMUniform", "ComfyUI's sgm_uniform: even fractional times"),
+    ("simple", "Simple", "ComfyUI's simple: every (T/steps)-th timestep"),
+    ("ddim-uniform", "DDIMUniform", "ComfyUI's ddim_uniform: timesteps 1, 1+k, 1+2k, ..."),
+    ("beta", "Beta", "timesteps at Beta(alpha, beta) quantiles"),
+    ("linear-quadratic", "LinearQuadratic", "Mochi's linear then quadratic schedule"),
+    ("kl-optimal", "KLOptimal", "Align your steps: evenly spaced in arctan(level)"),
+]
+
+
+@hookimpl
+def register_schedules(register: Register) -> None:
+    for name, cls, summary in SCHEDULES:
+        register(name, f"diffplug.schedules:{cls}", summary)
+
+
 @hookimpl
 def register_autoencoders(register: Register) -> None:
     register("identity", "diffplug.components:IdentityAutoencoder", "pixel space (no autoencoder)")

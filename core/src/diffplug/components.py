@@ -34,11 +34,41 @@ class _Configurable:
         return cls(build_config(cls.Config, options, owner=f"{cls.__name__}"))
 
 
+class Schedule(_Configurable, ABC):
+    """The noise levels a sampler visits, chosen apart from the sampler (``--schedule``).
+
+    A level is k-diffusion's sigma, ``s = sigma(t)/alpha(t)``; core's schedules are in
+    ``diffplug.schedules``.
+    """
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def levels(
+        self,
+        process: Process,
+        steps: int,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> torch.Tensor:
+        """``steps + 1`` (about: some schedules drop repeats) descending levels in float64,
+        the last 0, inside the process's range or [sigma_min, sigma_max]."""
+
+
 class Scheduler(_Configurable, ABC):
     """A sampler: turns a process and a step count into a ``Plan``."""
 
     #: steps when the user gives none (the method's own recommendation).
     default_steps: ClassVar[int] = 50
+    #: whether ``plan`` walks the noise levels of ``self.schedule`` when one is chosen
+    #: (``--schedule``); a sampler that cannot is refused a schedule, saying so.
+    walks_noise_levels: ClassVar[bool] = False
+    #: the chosen schedule (set by ``diffplug.load`` before planning), or None: the
+    #: sampler's own default
+    schedule: Schedule | None = None
+    #: lower and upper noise levels overriding the process's (``--sigma-min/--sigma-max``)
+    sigma_range: tuple[float | None, float | None] = (None, None)
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -34,6 +34,11 @@ def register_schedulers(register: Register) -> None:
 
 
 @hookspec
+def register_schedules(register: Register) -> None:
+    """Schedules: the noise levels a sampler visits (``--schedule NAME``)."""
+
+
+@hookspec
 def register_denoisers(register: Register) -> None:
     """Networks that predict eps, x0, v or a pair from a noisy sample."""
 

@@ -44,6 +44,7 @@ CORE_DIST = "diffplug"
 #: kind -> the hook that registers it, in the order ``diffplug list`` shows them.
 KINDS: dict[str, str] = {
     "scheduler": "register_schedulers",
+    "schedule": "register_schedules",
     "denoiser": "register_denoisers",
     "conditioner": "register_conditioners",
     "autoencoder": "register_autoencoders",
@@ -120,6 +121,7 @@ class Entry:
 #: the base class (module, name) each kind's targets must subclass.
 INTERFACES = {
     "scheduler": ("diffplug.components", "Scheduler"),
+    "schedule": ("diffplug.components", "Schedule"),
     "denoiser": ("diffplug.components", "Denoiser"),
     "conditioner": ("diffplug.components", "Conditioner"),
     "autoencoder": ("diffplug.components", "Autoencoder"),

@@ -23,7 +23,7 @@ import torch
 
 from diffplug import __version__
 from diffplug.checkpoint import file_sha256, load_component, read_metadata
-from diffplug.components import Autoencoder, Conditioner, Denoiser, Scheduler
+from diffplug.components import Autoencoder, Conditioner, Denoiser, Schedule, Scheduler
 from diffplug.conditioners import build_conditioner, load_condition_images, recorded_conditioner
 from diffplug.errors import CheckpointError, IncompatibleError, OptionError, UserError
 from diffplug.options import build_config, describe
@@ -44,6 +44,9 @@ def load(
     sampler: str | None = None,
     *,
     steps: int | None = None,
+    schedule: str | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
     conditioner: str | None = None,
     autoencoder: str | os.PathLike[str] | None = None,
     guidance: float | None = None,
@@ -61,8 +64,10 @@ def load(
     ``model`` is a pretrained name or a ``.safetensors`` path (default: the first installed
     model the sampler can run); ``sampler`` a sampler name (``diffplug list samplers``).
     ``options`` are the components' own options as keyword arguments (``eta=0.5``,
-    ``spacing="trailing"``): the sampler's first, the rest the conditioner's, refused with
-    the CLI's messages when no component has them. ``conditioner`` replaces the one the model
+    ``spacing="trailing"``): the sampler's first, then the schedule's, the rest the
+    conditioner's, refused with the CLI's messages when no component has them. ``schedule``
+    chooses the noise levels the sampler visits (``diffplug list schedules``) within the
+    model's range or [``sigma_min``, ``sigma_max``]. ``conditioner`` replaces the one the model
     was trained with; ``autoencoder`` the one it records. ``pipeline`` runs a whole cascade
     instead, with ``options`` as its options. ``recipe`` (a dict, or a ``.png`` /
     ``.safetensors`` that ``Samples.save`` wrote) re-runs what made those samples; anything
@@ -71,7 +76,8 @@ def load(
     """
     registry = registry or default_registry()
     if recipe is not None:
-        given = dict(model=model, sampler=sampler, steps=steps, conditioner=conditioner,
+        given = dict(model=model, sampler=sampler, steps=steps, schedule=schedule,
+                     sigma_min=sigma_min, sigma_max=sigma_max, conditioner=conditioner,
                      autoencoder=autoencoder, guidance=guidance, threshold=threshold,
                      percentile=percentile, pipeline=pipeline, **options)  # fmt: skip
         extra = sorted(k for k, v in given.items() if v is not None)
@@ -82,10 +88,10 @@ def load(
             )
         return _replay(recipe, registry, device=device, allow_different=allow_different)
     if pipeline is not None:
-        if model is not None or sampler is not None or conditioner is not None:
+        if model is not None or sampler is not None or conditioner is not None or schedule:
             raise UserError(
-                "a pipeline runs its own stages: model, sampler and conditioner are its "
-                "options (`diffplug info PIPELINE`)"
+                "a pipeline runs its own stages: model, sampler, schedule and conditioner are "
+                "its options (`diffplug info PIPELINE`)"
             )
         shared = {"guidance": guidance, "threshold": threshold, "percentile": percentile,
                   "base_steps": steps}  # fmt: skip
@@ -98,6 +104,8 @@ def load(
         sampler=sampler,
         model=None if model is None else os.fspath(model),
         steps=steps,
+        schedule=schedule,
+        sigma_range=(sigma_min, sigma_max),
         conditioner=conditioner,
         autoencoder=None if autoencoder is None else os.fspath(autoencoder),
         guidance=guidance,
@@ -125,6 +133,8 @@ class Run:
         steps: int | None,
         conditioner: str | None,
         autoencoder: str | None,
+        schedule: str | None = None,
+        sigma_range: tuple[float | None, float | None] = (None, None),
         guidance: float | None,
         threshold: str | None,
         percentile: float | None,
@@ -142,6 +152,7 @@ class Run:
             sampler_cls,
             {k: v for k, v in options.items() if k in own},
         )
+        self.schedule, self._schedule_entry = self._schedule(schedule, sigma_range, rest)
         if model is None:
             self._model_path, self.model_name = find_default_model(registry, self.scheduler)
             self.model_source = self.model_name
@@ -185,6 +196,35 @@ class Run:
         self.defaults: dict[str, Any] = {}
 
     # -- resolution, once ----------------------------------------------------------------
+    def _schedule(
+        self,
+        name: str | None,
+        sigma_range: tuple[float | None, float | None],
+        options: dict[str, Any],
+    ) -> tuple[Schedule | None, Entry | None]:
+        """The chosen schedule, built from the options it owns (taken out of ``options``),
+        set on the sampler; refused for a sampler that does not walk noise levels."""
+        scheduler = self.scheduler
+        given = [f"--{k}" for k, v in zip(("sigma-min", "sigma-max"), sigma_range, strict=True)
+                 if v is not None]  # fmt: skip
+        if name is None:
+            if given:
+                raise UserError(f"{' and '.join(given)} set a schedule's range: add --schedule")
+            return None, None
+        if not scheduler.walks_noise_levels:
+            raise IncompatibleError(
+                f"sampler {scheduler.name!r} chooses its own steps and walks no schedule's "
+                "noise levels: drop --schedule (samplers that take one: ddim, ddpm and the "
+                "noise-level samplers; `diffplug list samplers`)"
+            )
+        entry = self.registry.get("schedule", name)
+        cls = entry.load()
+        owned = {o.name for o in describe(cls.Config)}
+        mine = {k: options.pop(k) for k in list(options) if k in owned}
+        schedule = _build(entry, cls, mine)
+        scheduler.schedule, scheduler.sigma_range = schedule, sigma_range
+        return schedule, entry
+
     def _conditioner(
         self, name: str | None, options: dict[str, Any]
     ) -> tuple[Conditioner | None, bool]:
@@ -349,6 +389,7 @@ class Run:
             },
             "steps": self.steps,
             "evaluations": len(plan),
+            **self._schedule_record(),
             "timesteps": plan.info.get("timesteps"),
             "guidance": self.guidance,
             "threshold": self.threshold,
@@ -375,6 +416,19 @@ class Run:
                 "chosen": self._autoencoder_chosen,
             }
         return recipe
+
+    def _schedule_record(self) -> dict[str, Any]:
+        if self.schedule is None or self._schedule_entry is None:
+            return {}
+        low, high = self.scheduler.sigma_range
+        return {
+            "schedule": {
+                **self._component(self._schedule_entry),
+                "options": dataclasses.asdict(self.schedule.config),
+                "sigma_min": low,
+                "sigma_max": high,
+            }
+        }
 
     def recipe_for(
         self, seeds: Sequence[int], prompts: list[str] | None, images: Any, n: int
@@ -493,7 +547,9 @@ def _replay(
         run = PipelineRun(registry, _qualified(spec), spec["options"], resolve_device(device))
     else:
         conditioner = recipe.get("conditioner") or {}
-        options = {**recipe["sampler"]["options"]}
+        schedule = recipe.get("schedule") or {}
+        # the sampler's own options win a name both have (its --spacing over normal's)
+        options = {**schedule.get("options", {}), **recipe["sampler"]["options"]}
         chosen = conditioner.get("chosen", False)
         if conditioner:
             options.update(conditioner["options"])
@@ -502,6 +558,8 @@ def _replay(
             sampler=_qualified(recipe["sampler"]),
             model=recipe["model"]["source"],
             steps=recipe["steps"],
+            schedule=_qualified(schedule) if schedule else None,
+            sigma_range=(schedule.get("sigma_min"), schedule.get("sigma_max")),
             conditioner=_qualified(conditioner) if chosen else None,
             autoencoder=_chosen_source(recipe.get("autoencoder")),
             guidance=recipe["guidance"],

@@ -3,7 +3,10 @@
 A VP sampler walks a timestep sub-sequence; each step goes from abar_t to abar' (abar at the
 next timestep, 1 after the last) and only the update coefficients differ between samplers.
 Subclasses implement ``step(t, abar_t, abar_next) -> (a, b, c, d)``, a few lines each, and
-inherit spacing, ``steps_offset``, ``clip_sample`` and the process check.
+inherit spacing, ``steps_offset``, ``clip_sample``, the process check and schedules: with
+``--schedule NAME`` (other than ``normal``, which is the sampler's own spacing) the steps go
+between that schedule's noise levels s, abar = 1/(1 + s^2), and the model is called at the
+fractional times with those levels.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from diffplug.errors import UserError
 from diffplug.options import option
 from diffplug.plan import Plan
 from diffplug.process import Process
+from diffplug.schedules import NoiseTable, Normal
 from diffplug.transforms import StaticThreshold
 from diffplug.vp import SPACINGS, VP, spaced_timesteps
 
@@ -42,6 +46,17 @@ def transitions(
     return ts, here, here[1:] + [1.0]
 
 
+def scheduled_transitions(
+    process: VP, levels: torch.Tensor
+) -> tuple[torch.Tensor, list[float], list[float]]:
+    """The (fractional) times, abar at each and abar at the next (1.0 after the last) of a
+    schedule's descending noise levels, the last of which is 0."""
+    live = levels[:-1]
+    times = NoiseTable.of(process).time_of(live)
+    abar = (1 / (1 + live * live)).tolist()
+    return times, abar, abar[1:] + [1.0]
+
+
 class VPSampler(Scheduler):
     """A sampler on the discrete VP process whose step is linear (see ``diffplug.plan``)."""
 
@@ -59,17 +74,27 @@ class VPSampler(Scheduler):
     def step(self, t: int, abar: float, abar_next: float) -> tuple[float, float, float, float]:
         """(a, b, c, d) of x_next = a*x + b*x0_hat + c*eps_hat + d*z for one transition."""
 
+    walks_noise_levels = True
+
     def plan(self, process: Process, steps: int) -> Plan:
         reason = self.supports(process)
         if reason:
             raise UserError(reason)
         assert isinstance(process, VP)
         cfg = self.config
-        ts, here, nxt = transitions(process, steps, cfg.spacing, cfg.steps_offset)
-        a, b, c, d = zip(*(self.step(t, x, y) for t, x, y in zip(ts, here, nxt, strict=True)),
+        if self.schedule is None or isinstance(self.schedule, Normal):
+            ts, here, nxt = transitions(process, steps, cfg.spacing, cfg.steps_offset)
+            times, labels, info = torch.tensor(ts, dtype=torch.float64), ts, {"timesteps": ts}
+        else:
+            levels = self.schedule.levels(process, steps, *self.sigma_range)
+            times, here, nxt = scheduled_transitions(process, levels)
+            # the step sees an integer label: 0 on the last step into the clean sample
+            labels = [max(1, round(float(t))) for t in times[:-1]] + [0]
+            info = {"timesteps": [round(float(t), 4) for t in times], "levels": levels.tolist()}
+        a, b, c, d = zip(*(self.step(t, x, y) for t, x, y in zip(labels, here, nxt, strict=True)),
                          strict=True)  # fmt: skip
         return Plan(
-            t=torch.tensor(ts, dtype=torch.float64),
+            t=times,
             alpha=[math.sqrt(x) for x in here],
             sigma=[math.sqrt(1 - x) for x in here],
             a=list(a),
@@ -77,5 +102,5 @@ class VPSampler(Scheduler):
             c=list(c),
             d=list(d),
             transforms=[StaticThreshold()] if cfg.clip_sample else [],
-            info={"timesteps": ts},
+            info=info,
         )

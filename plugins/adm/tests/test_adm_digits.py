@@ -5,10 +5,7 @@ import pytest
 import torch
 from cliutil import run_cli
 
-from diffplug.evaluate import evaluate
-from diffplug.registry import default_registry
-from diffplug.resolve import default_model, load_model
-from diffplug.sampling import sample
+from diffplug import default_model, default_registry, evaluate, load_model, sample
 from diffplug_adm.scheduler import ADM
 
 
@@ -41,7 +38,7 @@ def test_run_adm_out_of_the_box(tmp_path):
 def test_adm_digits_draws_recognisable_digits(deterministic):
     model, _ = load_model(default_registry(), "adm-digits")
     sampler = ADM.from_options(deterministic=deterministic)
-    report = evaluate(sample(model, sampler, steps=10, seeds=range(300), batch_size=100))
+    report = evaluate.evaluate(sample(model, sampler, steps=10, seeds=range(300), batch_size=100))
     hist = report["class_histogram"]
     assert min(hist) >= 0.04 and max(hist) <= 0.18, hist
     assert report["confidence"] > 0.9

@@ -16,14 +16,14 @@ import math
 import pytest
 import torch
 
-from diffplug.components import Denoiser
-from diffplug.errors import UserError
-from diffplug.oracle import circle_mixture
-from diffplug.process import build_process
-from diffplug.sampling import fold, sample
-from diffplug.testing.mixture import assert_matches_mixture, exact_draws, statistics
-from diffplug.testing.threads import torch_threads
-from diffplug.vp import VP
+from diffplug import VP, Denoiser, UserError, build_process, fold, sample
+from diffplug.testing import (
+    assert_matches_mixture,
+    circle_mixture,
+    exact_draws,
+    statistics,
+    torch_threads,
+)
 from diffplug_adm.process import Decoupled
 from diffplug_adm.scheduler import ADM
 
@@ -243,7 +243,7 @@ def test_both_samplers_converge_to_the_mixture(mixture, deterministic, bounds_10
 def test_deterministic_error_shrinks_with_steps(mixture):
     """Trajectory error against a 1000-step run from the same x_1 (measured 0.343 / 0.173 /
     0.106 / 0.059 / 0.035 at 5 / 10 / 20 / 50 / 100 steps)."""
-    from diffplug.testing.mixture import mean_distance
+    from diffplug.testing import mean_distance
 
     sampler = ADM.from_options(deterministic=True)
     ref = sample(mixture, sampler, steps=1000, seeds=range(512), dtype=F64)
@@ -258,7 +258,7 @@ def test_deterministic_error_shrinks_with_steps(mixture):
 def test_core_transforms_apply_to_adm_without_imports_between_plugins(mixture):
     """Dynamic thresholding (a core transform, Imagen's) runs on the ADM sampler unchanged:
     every x0_hat the update sees has per-sample max |x0_hat| <= 1 (the mixture reaches 1.4)."""
-    from diffplug.transforms import DynamicConfig, DynamicThreshold
+    from diffplug import DynamicConfig, DynamicThreshold
 
     seen = []
     sample(mixture, ADM(), steps=10, seeds=range(64), dtype=F64,

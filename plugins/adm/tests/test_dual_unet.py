@@ -6,10 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffplug.checkpoint import load_component, read_metadata, save_component
-from diffplug.errors import UserError
-from diffplug.registry import default_registry
-from diffplug.testing.contracts import check_denoiser
+from diffplug import UserError, default_registry, load_component, read_metadata, save_component
+from diffplug.testing import check_denoiser
 from diffplug_adm.dual_unet import DualUNet, DualUNetConfig, grid_encoding
 
 SIZE = 8

@@ -24,11 +24,8 @@ import torch
 from diffusers import DDIMScheduler
 
 import diffplug_ddim.plugin as plugin
-from diffplug.errors import OptionError, UserError
-from diffplug.process import Process
-from diffplug.registry import KINDS
+from diffplug import KINDS, SPACINGS, VP, OptionError, Process, UserError, VPConfig
 from diffplug.testing import check_sampler_deterministic, check_scheduler, fresh_registry
-from diffplug.vp import SPACINGS, VP, VPConfig
 from diffplug_ddim.scheduler import DDIM
 
 F64 = torch.float64

@@ -26,16 +26,22 @@ import torch
 
 import diffplug
 import diffplug_ddpm.plugin as plugin
-from diffplug.checkpoint import load_component, read_metadata, save_component
-from diffplug.errors import OptionError
-from diffplug.registry import KINDS, default_registry
+from diffplug import (
+    KINDS,
+    VP,
+    OptionError,
+    VPConfig,
+    default_registry,
+    load_component,
+    read_metadata,
+    save_component,
+)
 from diffplug.testing import (
     check_denoiser,
     check_sampler_deterministic,
     check_scheduler,
     fresh_registry,
 )
-from diffplug.vp import VP, VPConfig
 from diffplug_ddpm.method import DDPMMethod
 from diffplug_ddpm.scheduler import DDPM
 from diffplug_ddpm.unet import UNet, UNetConfig
@@ -355,7 +361,7 @@ def test_ddpm_digits_loads_and_is_the_model_its_docs_describe():
 def test_ddpm_digits_predicts_the_noise_of_held_out_digits():
     """The weights are trained: on noised held-out digits the eps error at t = 300 is far
     below the 1.0 of an untrained (zero-output) UNet (measured 0.086)."""
-    from diffplug.data import digits
+    from diffplug import digits
 
     model = diffplug.load_component(default_registry().get("pretrained", "ddpm-digits").load())
     x0 = digits("heldout", 8).images[:64]

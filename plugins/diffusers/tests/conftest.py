@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffplug.testing.threads import torch_threads
+from diffplug.testing import torch_threads
 
 SIZE = 8
 

@@ -11,15 +11,25 @@ import pytest
 import torch
 from cliutil import assert_clean_error, run_cli
 
-from diffplug.components import Denoiser, DenoiserConfig
-from diffplug.errors import IncompatibleError, OptionError, UserError
-from diffplug.oracle import circle_mixture
-from diffplug.output import read_recipe
-from diffplug.process import Process
-from diffplug.registry import default_registry
-from diffplug.sampling import sample
-from diffplug.testing import check_sampler_deterministic, check_scheduler, dummy_denoiser
-from diffplug.vp import VP, VPConfig
+from diffplug import (
+    VP,
+    Denoiser,
+    DenoiserConfig,
+    IncompatibleError,
+    OptionError,
+    Process,
+    UserError,
+    VPConfig,
+    default_registry,
+    read_recipe,
+    sample,
+)
+from diffplug.testing import (
+    check_sampler_deterministic,
+    check_scheduler,
+    circle_mixture,
+    dummy_denoiser,
+)
 from diffplug_diffusers.scheduler import DiffusersScheduler
 from diffplug_diffusers.unet import DiffusersUNet
 
@@ -380,7 +390,7 @@ def test_thresholding_reaches_the_scheduler_through_eps_hat(diff, noise):
     # diffplug's --threshold static clips x0_hat and re-derives eps_hat from it; a scheduler
     # given eps_hat then steps with the clipped x0_hat: diffusers' clip_sample with
     # use_clipped_model_output=True
-    from diffplug.transforms import StaticThreshold
+    from diffplug import StaticThreshold
 
     den = model("eps")
     opts = {"clip_sample": False}

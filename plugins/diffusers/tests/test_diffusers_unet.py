@@ -8,10 +8,16 @@ import torch
 from cliutil import assert_clean_error, run_cli
 from diffusers import DDIMScheduler
 
-from diffplug.checkpoint import load_component, read_metadata
-from diffplug.errors import CheckpointError, IncompatibleError, UnknownComponentError, UserError
-from diffplug.registry import default_registry
-from diffplug.sampling import sample
+from diffplug import (
+    CheckpointError,
+    IncompatibleError,
+    UnknownComponentError,
+    UserError,
+    default_registry,
+    load_component,
+    read_metadata,
+    sample,
+)
 from diffplug.testing import check_denoiser
 from diffplug_diffusers.unet import DiffusersUNet, from_folder
 
@@ -302,8 +308,7 @@ def test_run_puts_another_plugins_conditioner_under_an_imported_text_unet(make_t
     """An imported text UNet records no text encoder; `run --conditioner` supplies one (here
     diffplug-imagen's, at the UNet's width), a wrong width is refused before any step, and a
     conditioner on an unconditional model is refused by kind."""
-    from diffplug.checkpoint import save_component
-    from diffplug.output import read_recipe
+    from diffplug import read_recipe, save_component
 
     if text_conditioner(16) is None:
         pytest.skip("no diffplug text conditioner installed (diffplug-imagen)")

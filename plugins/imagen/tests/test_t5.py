@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from diffplug.data import digits
-from diffplug.errors import UserError
-from diffplug.training import TrainConfig, Trainer
-from diffplug_ddpm.method import DDPMMethod
+from diffplug import TrainConfig, Trainer, UserError, default_registry, digits
 from diffplug_imagen.unet import EfficientUNet, EfficientUNetConfig
 
 transformers = pytest.importorskip("transformers")
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "handwritten", "seven", "three", "the", "digit", "7"]
+
+
+def ddpm_method():
+    """DDPM's training method, by name: another plugin is reached only through the registry."""
+    return default_registry().load("method", "ddpm")()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_t5_stays_frozen_while_a_denoiser_trains_on_it(t5_dir):
     torch.manual_seed(0)
     model = EfficientUNet(EfficientUNetConfig(size=8, width=16, text_dim=16))
     data = digits("train", 8)
-    trainer = Trainer(model, DDPMMethod(), data, TrainConfig(batch_size=4), conditioner=cond)
+    trainer = Trainer(model, ddpm_method(), data, TrainConfig(batch_size=4), conditioner=cond)
     for _ in range(2):
         assert torch.isfinite(trainer.train_step())
     assert not cond.encoder.training

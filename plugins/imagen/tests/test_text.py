@@ -4,12 +4,17 @@ model (its weights live in the model's checkpoint), and condition dropout."""
 import pytest
 import torch
 
-from diffplug.checkpoint import load_component, read_metadata
-from diffplug.conditioners import recorded_conditioner
-from diffplug.data import digits
-from diffplug.errors import UserError
-from diffplug.training import TrainConfig, Trainer, train
-from diffplug_ddpm.method import DDPMMethod
+from diffplug import (
+    TrainConfig,
+    Trainer,
+    UserError,
+    default_registry,
+    digits,
+    load_component,
+    read_metadata,
+    recorded_conditioner,
+    train,
+)
 from diffplug_imagen.text import (
     DIGIT_PHRASINGS,
     PAD,
@@ -19,6 +24,11 @@ from diffplug_imagen.text import (
     digit_prompt,
 )
 from diffplug_imagen.unet import EfficientUNet, EfficientUNetConfig
+
+
+def ddpm_method():
+    """DDPM's training method, by name: another plugin is reached only through the registry."""
+    return default_registry().load("method", "ddpm")()
 
 
 def text_model(**kw):
@@ -87,7 +97,7 @@ def test_from_data_phrases_labels_with_the_generator_and_needs_labels():
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_condition_dropout_swaps_in_the_null_condition(p):
     cond = text_conditioner()
-    trainer = Trainer(text_model(), DDPMMethod(), digits("train", 8),
+    trainer = Trainer(text_model(), ddpm_method(), digits("train", 8),
                       TrainConfig(batch_size=6, cond_dropout=p), conditioner=cond)  # fmt: skip
     _, got = trainer.batch()
     null = cond.null(6)
@@ -100,7 +110,7 @@ def test_a_trained_conditioner_saves_into_the_model_file_and_reloads_exactly(tmp
     before = {k: v.clone() for k, v in cond.state_dict().items()}
     torch.manual_seed(0)
     model = text_model()
-    train(model, DDPMMethod(), digits("train", 8), TrainConfig(batch_size=8, steps=3,
+    train(model, ddpm_method(), digits("train", 8), TrainConfig(batch_size=8, steps=3,
           warmup=1), tmp_path, progress=False, conditioner=cond)  # fmt: skip
     assert any(not torch.equal(before[k], v) for k, v in cond.state_dict().items())  # it learned
     path = tmp_path / "model.safetensors"
@@ -121,7 +131,7 @@ def test_resume_with_a_trained_conditioner_is_exact(tmp_path):
     def run(out, stop=None, resume=False):
         torch.manual_seed(0)
         cond, model = text_conditioner(), text_model()
-        train(model, DDPMMethod(), digits("train", 8), TrainConfig(batch_size=8, steps=4,
+        train(model, ddpm_method(), digits("train", 8), TrainConfig(batch_size=8, steps=4,
               warmup=1), out, progress=False, conditioner=cond, stop_after=stop,
               resume=resume)  # fmt: skip
         return cond, model
@@ -136,6 +146,6 @@ def test_resume_with_a_trained_conditioner_is_exact(tmp_path):
 
 
 def _file(path):
-    from diffplug.checkpoint import load_tensors
+    from diffplug import load_tensors
 
     return load_tensors(path)

@@ -4,9 +4,7 @@ classifier-free guidance in core's loop under the DDPM, DDIM and ADM samplers.""
 import pytest
 import torch
 
-from diffplug.errors import IncompatibleError, OptionError
-from diffplug.registry import default_registry
-from diffplug.sampling import sample
+from diffplug import IncompatibleError, OptionError, default_registry, sample
 from diffplug.testing import check_denoiser
 from diffplug_imagen.text import TextConditioner, TextConfig
 from diffplug_imagen.unet import EfficientUNet, EfficientUNetConfig
@@ -122,7 +120,7 @@ def test_guidance_in_the_loop_equals_guidance_by_hand_for_every_sampler(sampler)
 def test_a_conditioner_the_model_cannot_read_is_refused_before_the_first_step(case):
     """check_compatible compares kinds; the loop's one-sample preflight catches the rest (a T5
     of another width, an RGB condition for a grey stage) before any step runs."""
-    from diffplug.conditioners import LowResConditioner, LowResConfig
+    from diffplug import LowResConditioner, LowResConfig
 
     registry = default_registry()
     if case == "text width":

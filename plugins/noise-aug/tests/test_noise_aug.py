@@ -6,9 +6,7 @@ import math
 import pytest
 import torch
 
-from diffplug.data import digits, resize
-from diffplug.errors import OptionError
-from diffplug.registry import default_registry
+from diffplug import OptionError, default_registry, digits, resize
 from diffplug_noise_aug.conditioner import NoiseAugConditioner, NoiseAugConfig, gaussian_blur
 
 

@@ -9,11 +9,16 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from diffplug.checkpoint import load_component, read_metadata, save_component
-from diffplug.errors import CheckpointError, UnknownComponentError, UserError
-from diffplug.registry import default_registry
-from diffplug.testing import fresh_registry
-from diffplug.testing.threads import torch_threads
+from diffplug import (
+    CheckpointError,
+    UnknownComponentError,
+    UserError,
+    default_registry,
+    load_component,
+    read_metadata,
+    save_component,
+)
+from diffplug.testing import fresh_registry, torch_threads
 from diffplug_vae.model import KLVAE, KLVAEConfig, config_from_diffusers, fit_scaling_factor
 
 TOL = 1e-5

@@ -5,11 +5,17 @@ import pytest
 import torch
 from cliutil import assert_clean_error, run_cli
 
-from diffplug.checkpoint import load_component, load_tensors, read_metadata
-from diffplug.data import digits
-from diffplug.evaluate import to_digits
-from diffplug.testing.threads import torch_threads
-from diffplug.training import TrainConfig, Trainer, train
+from diffplug import (
+    TrainConfig,
+    Trainer,
+    digits,
+    load_component,
+    load_tensors,
+    read_metadata,
+    to_digits,
+    train,
+)
+from diffplug.testing import torch_threads
 from diffplug_vae import calibrate
 from diffplug_vae.method import VAEMethod, VAEMethodConfig, digits_view
 from diffplug_vae.model import KLVAE, KLVAEConfig

@@ -41,6 +41,20 @@ from diffplug.errors import UserError
 @click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="default: the sampler's (50; adm 10)"
 )
+@click.option(
+    "--schedule",
+    default=None,
+    help="the noise levels the sampler visits (`diffplug list schedules`: karras, exponential, "
+    "...); its options follow as --OPTION  [default: the sampler's own timesteps]",
+)
+@click.option(
+    "--sigma-min", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="with --schedule: the lowest noise level  [default: the model's]",
+)  # fmt: skip
+@click.option(
+    "--sigma-max", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="with --schedule: the highest noise level  [default: the model's]",
+)  # fmt: skip
 @click.option("--seed", type=int, default=None, help="sample k uses seed+k  [default: 0]")
 @click.option(
     "--num-samples",
@@ -117,10 +131,10 @@ def run(ctx: click.Context, **kw: Any) -> None:
     elif kw["allow_different"]:
         raise UserError("--allow-different goes with --recipe")
     elif kw["pipeline"] is not None:
-        if kw["sampler"] or kw["model"] or kw["condition_images"] or kw["conditioner"]:
+        if any(kw[k] for k in ("sampler", "model", "condition_images", "conditioner", "schedule")):
             raise UserError(
-                "--pipeline runs its own stages: --sampler, --model, --conditioner and "
-                "--condition-images are its options (`diffplug info PIPELINE`)"
+                "--pipeline runs its own stages: --sampler, --model, --schedule, --conditioner "
+                "and --condition-images are its options (`diffplug info PIPELINE`)"
             )
     else:
         if kw["save_stages"]:
@@ -136,7 +150,8 @@ def run(ctx: click.Context, **kw: Any) -> None:
 
 #: flags a recipe already fixes
 RECIPE_FIXES = ("sampler", "model", "pipeline", "conditioner", "guidance", "steps", "seed",
-                "num_samples", "threshold", "threshold_percentile", "condition_images")  # fmt: skip
+                "num_samples", "threshold", "threshold_percentile", "condition_images",
+                "schedule", "sigma_min", "sigma_max")  # fmt: skip
 
 
 def _stage_paths(output: Path, kw: dict[str, Any]) -> list[Path]:
@@ -170,7 +185,8 @@ def _sample(
     else:
         run = diffplug.load(
             model=kw["model"], sampler=kw["sampler"], pipeline=kw["pipeline"],
-            steps=kw["steps"], conditioner=kw["conditioner"], guidance=kw["guidance"],
+            steps=kw["steps"], schedule=kw["schedule"], sigma_min=kw["sigma_min"],
+            sigma_max=kw["sigma_max"], conditioner=kw["conditioner"], guidance=kw["guidance"],
             threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
             **extra,
         )  # fmt: skip

@@ -7,6 +7,8 @@ def test_my_sampler():
     check_scheduler(registry.load("scheduler", "my-sampler")())
 """
 
+import importlib
+
 from diffplug.testing.contracts import (
     check_denoiser,
     check_sampler_deterministic,
@@ -15,6 +17,20 @@ from diffplug.testing.contracts import (
 )
 from diffplug.testing.plugins import fresh_registry, registered
 
+#: imported on first access
+_LAZY = {
+    # an exact oracle: a Gaussian mixture whose score is known in closed form
+    "GaussianMixtureDenoiser": "diffplug.oracle",
+    "circle_mixture": "diffplug.oracle",
+    # checking samples against that oracle
+    "assert_matches_mixture": "diffplug.testing.mixture",
+    "exact_draws": "diffplug.testing.mixture",
+    "mean_distance": "diffplug.testing.mixture",
+    "statistics": "diffplug.testing.mixture",
+    # deterministic, bounded torch threading for a test's duration
+    "torch_threads": "diffplug.testing.threads",
+}
+
 __all__ = [
     "check_denoiser",
     "check_sampler_deterministic",
@@ -22,14 +38,12 @@ __all__ = [
     "dummy_denoiser",
     "fresh_registry",
     "registered",
-    "GaussianMixtureDenoiser",
-    "circle_mixture",
+    *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> object:
-    if name in ("GaussianMixtureDenoiser", "circle_mixture"):
-        from diffplug import oracle
-
-        return getattr(oracle, name)
-    raise AttributeError(name)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diffplug.components import Cond, Denoiser, DenoiserConfig
-from diffplug.errors import OptionError, UserError
-from diffplug.options import option
+from diffplug import Cond, Denoiser, DenoiserConfig, OptionError, UserError, option
 
 #: highest frequency of the 2-D position encodings, in half-cycles across the image: enough to
 #: tell neighbouring cells apart on grids up to 64 wide.
@@ -341,7 +339,7 @@ def _backbone(name: str, in_chans: int, size: int) -> nn.Module:
 
 def _load_backbone(backbone: nn.Module, name: str, path: str) -> None:
     """Strictly load a local safetensors state dict into the backbone."""
-    from diffplug.checkpoint import load_tensors
+    from diffplug import load_tensors
 
     if not os.path.isfile(path):
         raise UserError(f"--cond-weights: {path}: no such file")

@@ -13,9 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffplug.components import Denoiser
-from diffplug.method import Method
-from diffplug.options import option
+from diffplug import Denoiser, Method, option
 from diffplug_adm.process import Decoupled
 
 

@@ -3,8 +3,7 @@
 Targets are strings: nothing here imports torch or timm until a component is used.
 """
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

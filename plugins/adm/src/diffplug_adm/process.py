@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffplug.options import option
-from diffplug.process import Process
+from diffplug import Process, option
 
 
 @dataclass

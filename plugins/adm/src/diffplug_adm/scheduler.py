@@ -18,12 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffplug.components import Scheduler
-from diffplug.errors import UserError
-from diffplug.options import option
-from diffplug.plan import Plan
-from diffplug.process import Process
-from diffplug.transforms import StaticThreshold
+from diffplug import Plan, Process, Scheduler, StaticThreshold, UserError, option
 from diffplug_adm.process import Decoupled
 
 

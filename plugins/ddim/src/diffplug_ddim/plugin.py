@@ -1,7 +1,6 @@
 """Registers the DDIM sampler. Imports nothing heavy: the target loads lazily."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

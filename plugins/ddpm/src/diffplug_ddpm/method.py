@@ -7,10 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffplug.components import Denoiser
-from diffplug.method import Method
-from diffplug.options import option
-from diffplug.vp import VP
+from diffplug import VP, Denoiser, Method, option
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Registers DDPM's sampler, training method, UNet and shipped model (targets load lazily)."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diffplug.options import option
-from diffplug.vp_sampler import VPSampler, VPSamplerConfig
+from diffplug import VPSampler, VPSamplerConfig, option
 
 
 @dataclass

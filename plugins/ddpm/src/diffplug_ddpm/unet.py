@@ -15,9 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffplug.components import Cond, Denoiser, DenoiserConfig
-from diffplug.layers import Attention, ResBlock, group_norm, timestep_embedding, zero_init
-from diffplug.options import option
+from diffplug import (
+    Attention,
+    Cond,
+    Denoiser,
+    DenoiserConfig,
+    ResBlock,
+    group_norm,
+    option,
+    timestep_embedding,
+    zero_init,
+)
 
 
 @dataclass

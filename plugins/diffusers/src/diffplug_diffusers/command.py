@@ -59,8 +59,7 @@ def import_diffusers(
     """Convert a local diffusers folder (a UNet folder with config.json and
     diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and scheduler/) into a
     diffplug checkpoint. Safetensors weights only; nothing is downloaded."""
-    from diffplug.checkpoint import save_component
-    from diffplug.output import check_output_path
+    from diffplug import check_output_path, save_component
 
     check_output_path(output, overwrite, {".safetensors": "a checkpoint"})
     from diffplug_diffusers.unet import DiffusersUNet, load_unet, read_folder, resolve_process

@@ -2,8 +2,7 @@
 ``import-diffusers`` command. Targets are strings: listing plugins imports no torch or
 diffusers."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

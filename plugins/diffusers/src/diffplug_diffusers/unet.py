@@ -19,9 +19,15 @@ from typing import Any
 
 import torch
 
-from diffplug.components import Cond, Denoiser, DenoiserConfig
-from diffplug.errors import CheckpointError, IncompatibleError, UserError
-from diffplug.options import option
+from diffplug import (
+    CheckpointError,
+    Cond,
+    Denoiser,
+    DenoiserConfig,
+    IncompatibleError,
+    UserError,
+    option,
+)
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusers prediction_type -> diffplug prediction kind
@@ -326,7 +332,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _weights(unet_dir: Path, variant: str | None) -> list[Path]:
     """The safetensors files holding the UNet (one, or the shards an index names), checked."""
-    from diffplug.checkpoint import pickle_files, read_header
+    from diffplug import pickle_files, read_header
 
     name = f"{WEIGHTS}.{variant}" if variant else WEIGHTS
     single = unet_dir / f"{name}.safetensors"
@@ -413,7 +419,7 @@ def resolve_process(
         if prediction not in PREDICTIONS.values():
             raise UserError(f"prediction {prediction!r}: choose eps, x0 or v")
         kind = prediction
-    from diffplug.process import build_process
+    from diffplug import build_process
 
     build_process(spec)  # checked now (ranges, choices), not at the first sample
     return kind, spec, note

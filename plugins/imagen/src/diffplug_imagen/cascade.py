@@ -15,10 +15,16 @@ from typing import Any
 
 import torch
 
-from diffplug.errors import OptionError, UserError
-from diffplug.options import option
-from diffplug.pipeline import Pipeline, StageResult, StageSpec, run_stage
-from diffplug.transforms import THRESHOLDS
+from diffplug import (
+    THRESHOLDS,
+    OptionError,
+    Pipeline,
+    StageResult,
+    StageSpec,
+    UserError,
+    option,
+    run_stage,
+)
 
 #: the base stage's guidance weight when none is given (see docs/imagen.md for the sweep)
 DEFAULT_GUIDANCE = 3.0

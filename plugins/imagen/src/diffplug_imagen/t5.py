@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from diffplug.components import Cond, Conditioner
-from diffplug.errors import UserError
-from diffplug.options import option
+from diffplug import Cond, Conditioner, UserError, option
 
 
 @dataclass

@@ -17,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffplug.components import Cond, Conditioner
-from diffplug.errors import OptionError, UserError
-from diffplug.options import option
+from diffplug import Cond, Conditioner, OptionError, UserError, option
 
 PAD, SUMMARY, VOCAB = 0, 257, 258
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -18,17 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffplug.components import Cond, Denoiser, DenoiserConfig
-from diffplug.errors import IncompatibleError, OptionError
-from diffplug.layers import (
+from diffplug import (
     Attention,
+    Cond,
     CrossAttention,
+    Denoiser,
+    DenoiserConfig,
+    IncompatibleError,
+    OptionError,
     ResBlock,
     group_norm,
+    option,
     timestep_embedding,
     zero_init,
 )
-from diffplug.options import option
 
 SKIP_SCALE = 1 / math.sqrt(2)
 

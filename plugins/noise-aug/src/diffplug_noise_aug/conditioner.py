@@ -27,12 +27,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffplug.components import Cond
-from diffplug.conditioners import AUG_LEVEL, LowResConditioner, LowResConfig
-from diffplug.data import resize
-from diffplug.errors import OptionError
-from diffplug.options import option
-from diffplug.process import Process, build_process
+from diffplug import (
+    AUG_LEVEL,
+    Cond,
+    LowResConditioner,
+    LowResConfig,
+    OptionError,
+    Process,
+    build_process,
+    option,
+    resize,
+)
 
 #: mixes a sample's seed into its augmentation stream, apart from its sampling noise
 _STREAM = 0x9E3779B97F4A7C15

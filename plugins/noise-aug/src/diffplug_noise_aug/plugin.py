@@ -1,7 +1,6 @@
 """Registers the noise-augmented low-resolution conditioner."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffplug.checkpoint import load_component, read_metadata, save_component
-from diffplug.data import load_data
-from diffplug.errors import UserError
+from diffplug import UserError, load_component, load_data, read_metadata, save_component
 from diffplug_vae.model import KLVAE, fit_scaling_factor
 
 

@@ -32,14 +32,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from diffplug.components import Cond
-from diffplug.data import resize
-from diffplug.errors import UserError
-from diffplug.method import Method
-from diffplug.options import option
+from diffplug import Cond, Method, UserError, option, resize
 
 if TYPE_CHECKING:
-    from diffplug.evaluate import DigitsClassifier
+    from diffplug import DigitsClassifier
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601, as diffplug.evaluate.to_digits
 
@@ -128,7 +124,7 @@ class VAEMethod(Method):
         """The shipped digits classifier, frozen, one copy per device (the shared cached one
         is left as it is)."""
         if device not in self._classifiers:
-            from diffplug.evaluate import load_classifier
+            from diffplug import load_classifier
 
             frozen = copy.deepcopy(load_classifier()).requires_grad_(False).eval()
             self._classifiers[device] = frozen.to(device)

@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffplug.components import Autoencoder
-from diffplug.errors import CheckpointError, UserError
-from diffplug.options import build_config, option
+from diffplug import Autoencoder, CheckpointError, UserError, build_config, option
 
 EPS = 1e-6
 #: what ``AutoencoderKL.save_pretrained`` writes into a folder.
@@ -439,7 +437,7 @@ def _locate(
     path: Path, config: dict[str, Any] | str | os.PathLike[str] | None
 ) -> tuple[Path, dict[str, Any]]:
     """(weights file, config dict) of a diffusers folder or a bare safetensors file."""
-    from diffplug.checkpoint import pickle_files, read_header
+    from diffplug import pickle_files, read_header
 
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file() and (path / "vae" / CONFIG_NAME).is_file():
@@ -495,7 +493,7 @@ def _legacy_name(key: str) -> str:
 def _read_state(weights: Path, model: KLVAE) -> dict[str, torch.Tensor]:
     """The file's tensors, after checking names and shapes against ``model`` from the header
     alone (a mismatch reads no tensor data), in the model's dtype."""
-    from diffplug.checkpoint import load_tensors, read_header
+    from diffplug import load_tensors, read_header
 
     header, _ = read_header(weights)  # refuses pickles, truncated and hostile files
     names = {_legacy_name(k): k for k in header}

@@ -1,7 +1,6 @@
 """Registers the KL autoencoder and its training method (targets load lazily)."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

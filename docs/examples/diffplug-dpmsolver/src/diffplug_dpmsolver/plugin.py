@@ -1,7 +1,6 @@
 """Entry point module: registers the sampler by name with a lazy import target."""
 
-from diffplug import hookimpl
-from diffplug.hookspecs import Register
+from diffplug import Register, hookimpl
 
 
 @hookimpl

@@ -1,0 +1,258 @@
+"""Schedules: each one's levels against an independent closed form (or diffusers' own
+tables), their invariants on every process, and ``--schedule`` on the samplers that walk noise
+levels (and its refusal on those that do not), before any step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cliutil import assert_clean_error, run_cli
+
+import diffplug
+from diffplug.checkpoint import load_tensors
+from diffplug.output import read_recipe
+from diffplug.registry import default_registry
+from diffplug.schedules import NoiseTable
+from diffplug.testing import circle_mixture
+from diffplug.vp import VP, VPConfig
+from diffplug_adm.process import Decoupled
+
+F64 = torch.float64
+PROCESSES = {
+    "vp-linear": VP(),
+    "vp-scaled": VP(VPConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+    "decoupled": Decoupled(),
+}
+SCHEDULES = [
+    "normal",
+    "karras",
+    "exponential",
+    "polyexponential",
+    "sgm-uniform",
+    "simple",
+    "ddim-uniform",
+    "beta",
+    "linear-quadratic",
+    "kl-optimal",
+]
+
+
+def schedule(name, **options):
+    return default_registry().load("schedule", name).from_options(**options)
+
+
+def table_np(process):
+    """The process's noise levels as numpy float64, computed here from alpha and sigma."""
+    if isinstance(process, VP):
+        abar = process.alphas_cumprod.double().numpy()
+        return np.sqrt((1 - abar) / abar)
+    low, high = process.t_range
+    t = low + (high - low) * np.arange(1000) / 1000
+    return np.sqrt(t) / (1 - t)
+
+
+def comfy_sigma(levels, index):
+    """ComfyUI's ModelSamplingDiscrete.sigma: log-linear interpolation at fractional index."""
+    index = np.clip(index, 0, len(levels) - 1)
+    low, high = np.floor(index).astype(int), np.ceil(index).astype(int)
+    w = index - low
+    return np.exp((1 - w) * np.log(levels[low]) + w * np.log(levels[high]))
+
+
+def closed_form(name, levels, n, **opt):
+    """Each schedule written out independently (k-diffusion's and ComfyUI's formulas)."""
+    lo, hi = levels[0], levels[-1]
+    T = len(levels)
+    if name == "karras":
+        rho = opt.get("rho", 7.0)
+        ramp = np.linspace(0, 1, n)
+        out = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    elif name == "exponential":
+        out = np.exp(np.linspace(np.log(hi), np.log(lo), n))
+    elif name == "polyexponential":
+        rho = opt.get("rho", 1.0)
+        out = np.exp(np.linspace(1, 0, n) ** rho * (np.log(hi) - np.log(lo)) + np.log(lo))
+    elif name == "kl-optimal":
+        w = np.arange(n) / (n - 1)
+        out = np.tan(w * np.arctan(lo) + (1 - w) * np.arctan(hi))
+    elif name == "sgm-uniform":
+        out = comfy_sigma(levels, np.linspace(T - 1, 0, n + 1)[:-1])
+    elif name == "normal-uniform":
+        out = comfy_sigma(levels, np.linspace(T - 1, 0, n))
+    elif name == "simple":
+        out = np.array([levels[-(1 + int(x * T / n))] for x in range(n)])
+    elif name == "ddim-uniform":
+        out = levels[np.arange(1, T, max(T // n, 1))][::-1]
+    elif name == "beta":
+        from scipy.special import betaincinv  # the inverse CDF, not scipy.stats' ppf
+
+        q = 1 - np.arange(n) / n
+        ts = np.rint(betaincinv(opt.get("alpha", 0.6), opt.get("beta", 0.6), q) * (T - 1))
+        keep = np.concatenate([[True], ts[1:] != ts[:-1]])
+        out = levels[ts[keep].astype(int)]
+    elif name == "linear-quadratic":
+        noise, lin = 0.025, n // 2
+        i = np.arange(n)
+        quad = n - lin
+        a = (lin - noise * n) / (lin * quad**2)
+        b = noise / lin - 2 * (lin - noise * n) / quad**2
+        frac = np.where(i < lin, i * noise / lin, a * i**2 + b * i + a * lin**2)
+        out = (1 - frac) * hi
+    else:
+        raise AssertionError(name)
+    return np.append(out, 0.0)
+
+
+@pytest.mark.parametrize("process", PROCESSES.values(), ids=PROCESSES.keys())
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("karras", {}),
+        ("karras", {"rho": 3.0}),
+        ("exponential", {}),
+        ("polyexponential", {"rho": 2.0}),
+        ("kl-optimal", {}),
+        ("sgm-uniform", {}),
+        ("simple", {}),
+        ("ddim-uniform", {}),
+        ("beta", {}),
+        ("beta", {"alpha": 0.3, "beta": 0.9}),
+        ("linear-quadratic", {}),
+    ],
+)
+@pytest.mark.parametrize("steps", [2, 7, 10, 30])
+def test_each_schedule_is_its_closed_form(process, name, options, steps):
+    levels = table_np(process)
+    got = schedule(name, **options).levels(process, steps).numpy()
+    want = closed_form(name, levels, steps, **options)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("process", PROCESSES.values(), ids=PROCESSES.keys())
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_normal_is_the_models_timesteps_or_comfyuis_normal(process, steps):
+    levels = table_np(process)
+    from diffplug.vp import spaced_timesteps
+
+    for spacing in ("leading", "trailing", "linspace"):
+        got = schedule("normal", spacing=spacing).levels(process, steps).numpy()
+        picked = spaced_timesteps(len(levels), steps, spacing)
+        np.testing.assert_allclose(got, np.append(levels[picked], 0.0), rtol=1e-12, atol=0)
+    got = schedule("normal", spacing="uniform").levels(process, steps).numpy()
+    np.testing.assert_allclose(got, closed_form("normal-uniform", levels, steps), rtol=1e-10)
+
+
+@pytest.mark.parametrize("flag", ["use_karras_sigmas", "use_exponential_sigmas"])
+@pytest.mark.parametrize("steps", [5, 20, 50])
+def test_karras_and_exponential_match_diffusers_euler_tables(flag, steps):
+    import inspect
+
+    from diffusers import EulerDiscreteScheduler
+
+    assert flag in inspect.signature(EulerDiscreteScheduler.__init__).parameters
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, **{flag: True})  # fmt: skip
+    sched.set_timesteps(steps)
+    name = "karras" if flag == "use_karras_sigmas" else "exponential"
+    ours = schedule(name).levels(PROCESSES["vp-scaled"], steps)
+    torch.testing.assert_close(ours.float(), sched.sigmas.float(), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("process", PROCESSES.values(), ids=PROCESSES.keys())
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 3, 9, 64])
+def test_every_schedule_descends_within_the_range_to_zero(process, name, steps):
+    levels = schedule(name).levels(process, steps)
+    table = NoiseTable.of(process)
+    assert levels.dtype == F64 and float(levels[-1]) == 0.0
+    assert bool((levels[1:] <= levels[:-1]).all())
+    assert float(levels[:-1].min()) >= table.sigma_min * (1 - 1e-12) or name == "linear-quadratic"
+    assert float(levels[0]) <= table.sigma_max * (1 + 1e-12)
+    # ddim-uniform strides T // steps (more steps than asked when it does not divide T), beta
+    # drops repeated timesteps: both as ComfyUI's; the others give exactly steps + 1
+    assert len(levels) == steps + 1 or name in ("ddim-uniform", "beta")
+
+
+def test_sigma_range_overrides_the_models():
+    levels = schedule("karras").levels(VP(), 10, 0.05, 20.0)
+    assert float(levels[0]) == pytest.approx(20.0) and float(levels[-2]) == pytest.approx(0.05)
+    with pytest.raises(diffplug.UserError, match="need 0 < --sigma-min < --sigma-max"):
+        schedule("karras").levels(VP(), 10, 5.0, 1.0)
+
+
+def test_a_scheduled_ddim_follows_the_probability_flow_ode():
+    """DDIM between a schedule's levels is the same ODE solver: at many steps every schedule
+    lands where 1000 default DDIM steps land (wrong times or abar would not)."""
+    oracle = circle_mixture(variance=0.05)
+    ddim = default_registry().load("scheduler", "ddim")
+    seeds = range(64)
+    reference = diffplug.sample(oracle, ddim(), steps=1000, seeds=seeds)
+    for name in ("karras", "exponential", "kl-optimal", "beta"):
+        sampler = ddim()
+        sampler.schedule = schedule(name)
+        x = diffplug.sample(oracle, sampler, steps=400, seeds=seeds)
+        err = float((x - reference).flatten(1).norm(dim=1).mean())
+        assert err < 0.02, (name, err)
+        coarse = ddim()
+        coarse.schedule = schedule(name)
+        far = float((diffplug.sample(oracle, coarse, steps=4, seeds=seeds) - reference).norm())
+        assert far > 10 * err  # the check can tell a coarse run from a converged one
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_run_samples_every_vp_sampler_under_every_schedule(tmp_path, sampler, name):
+    out = tmp_path / "s.safetensors"
+    result = run_cli("run", "--sampler", sampler, "--schedule", name, "--steps", "8",
+                     "--num-samples", "4", "-q", "-o", str(out))  # fmt: skip
+    assert result.code == 0, result.err
+    x = load_tensors(out)["samples"]
+    assert x.shape == (4, 1, 8, 8) and bool(torch.isfinite(x).all())
+    recipe = read_recipe(out)
+    assert recipe["schedule"]["name"] == name and recipe["schedule"]["plugin"] == "diffplug"
+    assert len(recipe["timesteps"]) == recipe["evaluations"]
+
+
+def test_a_schedule_on_a_bridged_model_and_its_replay(tmp_path):
+    first = tmp_path / "a.png"
+    result = run_cli("run", "--sampler", "ddim", "--model", "adm-digits", "--schedule", "karras",
+                     "--rho", "5", "--steps", "6", "--num-samples", "4", "-q", "-o", str(first))  # fmt: skip
+    assert result.code == 0, result.err
+    recipe = read_recipe(first)
+    assert recipe["schedule"]["options"] == {"rho": 5.0} and "bridged" in recipe
+    again = tmp_path / "b.png"
+    assert run_cli("run", "--recipe", str(first), "-q", "-o", str(again)).code == 0
+    from PIL import Image
+
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_schedules_are_refused_where_they_cannot_apply(tmp_path):
+    out = str(tmp_path / "x.png")
+    assert_clean_error(run_cli("run", "--sampler", "diffusers", "--schedule", "karras", "-o", out),
+                       "sampler 'diffusers' chooses its own steps", "drop --schedule")  # fmt: skip
+    assert_clean_error(run_cli("run", "--sampler", "ddim", "--sigma-max", "9", "-o", out),
+                       "--sigma-max set a schedule's range: add --schedule")  # fmt: skip
+    assert_clean_error(run_cli("run", "--sampler", "ddim", "--schedule", "nope", "-o", out),
+                       "unknown schedule 'nope'")  # fmt: skip
+    assert_clean_error(run_cli("run", "--sampler", "ddim", "--schedule", "karras", "--rho", "-1",
+                               "-o", out), "--rho must be > 0")  # fmt: skip
+    assert_clean_error(run_cli("run", "--sampler", "ddim", "--schedule", "karras", "--sigma-min",
+                               "3", "--sigma-max", "2", "-o", out), "--sigma-min < --sigma-max")  # fmt: skip
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(diffplug.IncompatibleError, match="drop --schedule"):
+        diffplug.load(sampler="diffusers", model="ddpm-digits", schedule="karras")
+
+
+def test_karras_and_math_agree_on_a_hand_computed_value():
+    """Karras et al. eq. 5 at the midpoint, by hand: ((a + b)/2)^rho with a, b the
+    rho-th roots of the ends."""
+    levels = schedule("karras").levels(VP(), 3, 0.002, 80.0)
+    mid = ((80.0 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
+    assert float(levels[1]) == pytest.approx(mid, rel=1e-12)
+    assert math.isclose(float(levels[0]), 80.0) and float(levels[-1]) == 0.0
