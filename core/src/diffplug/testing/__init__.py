@@ -1,10 +1,10 @@
 """Helpers for plugin authors' tests: isolated registries and contract checkers.
 
-from diffplug.testing import fresh_registry, check_scheduler
+from diffplug.testing import fresh_registry, check_sampler
 
 def test_my_sampler():
     registry = fresh_registry(my_plugin)
-    check_scheduler(registry.load("scheduler", "my-sampler")())
+    check_sampler(registry.load("scheduler", "my-sampler")(), order=2)
 """
 
 import importlib
@@ -19,6 +19,10 @@ from diffplug.testing.plugins import fresh_registry, registered
 
 #: imported on first access
 _LAZY = {
+    # correctness, not only form: convergence to the exact ODE at the declared order, or
+    # the exact moments for a stochastic sampler
+    "check_sampler": "diffplug.testing.convergence",
+    "SamplerReport": "diffplug.testing.convergence",
     # an exact oracle: a Gaussian mixture whose score is known in closed form
     "GaussianMixtureDenoiser": "diffplug.oracle",
     "circle_mixture": "diffplug.oracle",
