@@ -166,7 +166,28 @@ def info(name: str, kind: str | None) -> None:
         for k, v in sorted(meta["extra"].items()):
             click.echo(f"    [{k}] {v!r}" if not isinstance(v, dict | list) else f"    [{k}] ...")
         return
-    _describe_options(entry.load())
+    obj = entry.load()
+    if entry.kind == "scheduler":
+        _describe_sampler(obj)
+    _describe_options(obj)
+
+
+def _describe_sampler(cls: Any) -> None:
+    """What a user choosing a sampler asks first: order, calls per step, noise, schedule."""
+    order = getattr(cls, "order", None)
+    stochastic = getattr(cls, "stochastic", None)
+    noise = {True: "stochastic", False: "deterministic", None: "noise set by its options"}
+    click.echo(
+        f"  order {order if order is not None else '(not declared)'}, "
+        f"{getattr(cls, 'evaluations_per_step', 1)} denoiser call(s) per step, "
+        f"{noise[stochastic]}, default {getattr(cls, 'default_steps', '?')} steps"
+    )
+    if getattr(cls, "walks_noise_levels", False):
+        default = getattr(cls, "default_schedule", None)
+        which = default.__name__.lower() if default is not None else "its own timesteps"
+        click.echo(f"  takes --schedule NAME (default: {which})")
+    else:
+        click.echo("  chooses its own steps (no --schedule)")
 
 
 #: the extra keys a training run records that say how to remake or use the model

@@ -69,6 +69,12 @@ class Scheduler(_Configurable, ABC):
     schedule: Schedule | None = None
     #: lower and upper noise levels overriding the process's (``--sigma-min/--sigma-max``)
     sigma_range: tuple[float | None, float | None] = (None, None)
+    #: what ``diffplug info`` and ``check_sampler`` read: the order of accuracy in the step
+    #: size (None: not declared), denoiser calls per step, whether it draws noise (None:
+    #: it depends on the options, e.g. DDIM's eta)
+    order: ClassVar[float | None] = None
+    evaluations_per_step: ClassVar[int] = 1
+    stochastic: ClassVar[bool | None] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

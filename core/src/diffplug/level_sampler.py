@@ -52,12 +52,8 @@ class LevelSampler(Scheduler):
     walks_noise_levels = True
     #: the schedule used when none is chosen (k-diffusion's usual one)
     default_schedule: ClassVar[type[Schedule]] = Karras
-    #: denoiser calls per step, for ``diffplug list samplers`` and the recipe
-    evaluations_per_step: ClassVar[int] = 1
-    #: the order of accuracy in the step size (for ``check_sampler``)
-    order: ClassVar[float] = 1.0
-    #: whether it draws noise (ancestral and SDE samplers)
-    stochastic: ClassVar[bool] = False
+    order = 1.0
+    stochastic = False
 
     def supports(self, process: Process) -> str | None:
         return None  # every process has noise levels

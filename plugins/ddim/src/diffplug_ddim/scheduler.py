@@ -26,6 +26,7 @@ class DDIM(VPSampler):
     """Denoising diffusion implicit models."""
 
     Config = DDIMConfig
+    order = 1.0  # a first-order solver of the probability-flow ODE at eta = 0
 
     def step(self, t: int, abar: float, abar_next: float) -> tuple[float, float, float, float]:
         s = self.config.eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))

@@ -31,6 +31,7 @@ class DDPM(VPSampler):
     """The Markov ancestral sampler of denoising diffusion probabilistic models."""
 
     Config = DDPMConfig
+    stochastic = True
 
     def step(self, t: int, abar: float, abar_next: float) -> tuple[float, float, float, float]:
         beta = 1 - abar / abar_next
