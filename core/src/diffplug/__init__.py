@@ -56,6 +56,8 @@ _LAZY = {
     "Stepper": "diffplug.plan",
     "ModelView": "diffplug.bridge",
     "VPSampler": "diffplug.vp_sampler",
+    "LevelSampler": "diffplug.level_sampler",
+    "LevelPlan": "diffplug.level_sampler",
     "VPSamplerConfig": "diffplug.vp_sampler",
     "transitions": "diffplug.vp_sampler",
     "Process": "diffplug.process",
