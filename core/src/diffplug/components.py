@@ -142,6 +142,15 @@ class Denoiser(_Configurable, nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> Any:
         """The prediction for noisy ``x`` at times ``t``."""
 
+    @property
+    def null_label(self) -> int:
+        """The label that means "no class" (classifier-free guidance's unconditional half),
+        for a class-conditional denoiser trained on labelled data without a conditioner."""
+        raise UserError(
+            f"{type(self).__name__} takes class conditioning but declares no null_label; "
+            "train it with a conditioner, or give the denoiser a null_label"
+        )
+
 
 class Conditioner(_Configurable, nn.Module):
     """Turns user inputs (prompts, labels, images) into batched conditioning tensors.

@@ -146,6 +146,8 @@ class Trainer:
             and denoiser.conditioning == "class"  # type: ignore[union-attr]
             and self.labels is not None
         )
+        if self.class_conditional:
+            self.null_label = denoiser.null_label  # type: ignore[union-attr]
 
     def batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         idx = torch.randint(
@@ -165,7 +167,7 @@ class Trainer:
         assert labels is not None
         labels = labels.clone()
         drop = torch.rand(len(idx), generator=self.generator).to(self.device)
-        labels[drop < self.config.cond_dropout] = self.model.config.num_classes
+        labels[drop < self.config.cond_dropout] = self.null_label
         return x0, {"labels": labels}
 
     def train_step(self) -> torch.Tensor:

@@ -104,6 +104,10 @@ class UNet(Denoiser):
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1))
 
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes  # the extra embedding row, learned by label dropout
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         emb = self.time(timestep_embedding(t * self.t_scale, self.config.width))
         if self.label is not None:
