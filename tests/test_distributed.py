@@ -12,17 +12,21 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 @pytest.mark.slow
 def test_torchrun_sampling_is_bit_identical_to_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process
-    args = ["run", "--sampler", "ddpm", "--num-samples", "11", "--batch-size", "3",
-            "--steps", "10", "--seed", "5", "-q"]  # fmt: skip
+    """Two processes at torchrun's default threads (1 each) write the bytes one process at
+    its default threads (2 here) writes, at another batch size: the loop's fixed-size chunks
+    make a sample's numbers independent of threads, batch and shard."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # defaults
+    args = ["run", "--sampler", "ddpm", "--num-samples", "11", "--steps", "10", "--seed", "5",
+            "-q"]  # fmt: skip
     dist = subprocess.run(
         [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29517", "-m", "diffplug", *args,
-         "-o", str(tmp_path / "dist.safetensors")],
+         "--batch-size", "3", "-o", str(tmp_path / "dist.safetensors")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert dist.returncode == 0, dist.stderr
     single = subprocess.run(
-        [sys.executable, "-m", "diffplug", *args, "-o", str(tmp_path / "one.safetensors")],
+        [sys.executable, "-m", "diffplug", *args, "--batch-size", "11",
+         "-o", str(tmp_path / "one.safetensors")],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr

@@ -53,6 +53,7 @@ def load(
     threshold: str | None = None,
     percentile: float | None = None,
     device: str | torch.device | None = None,
+    chunk: int | None = None,
     pipeline: str | None = None,
     recipe: str | os.PathLike[str] | dict[str, Any] | None = None,
     allow_different: bool = False,
@@ -72,14 +73,17 @@ def load(
     instead, with ``options`` as its options. ``recipe`` (a dict, or a ``.png`` /
     ``.safetensors`` that ``Samples.save`` wrote) re-runs what made those samples; anything
     installed that differs from it (a plugin version, a weights file) is refused unless
-    ``allow_different``, which warns instead.
+    ``allow_different``, which warns instead. ``chunk`` is the number of rows per denoiser
+    call (default 16 on the CPU: sample k is then bitwise the same at any batch size and
+    thread count; 0 calls on whole batches, the default on GPUs).
     """
     registry = registry or default_registry()
     if recipe is not None:
         given = dict(model=model, sampler=sampler, steps=steps, schedule=schedule,
                      sigma_min=sigma_min, sigma_max=sigma_max, conditioner=conditioner,
                      autoencoder=autoencoder, guidance=guidance, threshold=threshold,
-                     percentile=percentile, pipeline=pipeline, **options)  # fmt: skip
+                     percentile=percentile, pipeline=pipeline, chunk=chunk,
+                     **options)  # fmt: skip
         extra = sorted(k for k, v in given.items() if v is not None)
         if extra:
             raise UserError(
@@ -93,6 +97,8 @@ def load(
                 "a pipeline runs its own stages: model, sampler, schedule and conditioner are "
                 "its options (`diffplug info PIPELINE`)"
             )
+        if chunk is not None:
+            raise UserError("chunk goes with a single model; a pipeline's stages use the default")
         shared = {"guidance": guidance, "threshold": threshold, "percentile": percentile,
                   "base_steps": steps}  # fmt: skip
         options = {**{k: v for k, v in shared.items() if v is not None}, **options}
@@ -113,6 +119,7 @@ def load(
         percentile=percentile,
         device=resolve_device(device),
         options=options,
+        chunk=chunk,
     )
 
 
@@ -141,6 +148,7 @@ class Run:
         device: torch.device,
         options: dict[str, Any],
         strict_options: bool = True,
+        chunk: int | None = None,
     ) -> None:
         self.registry, self.device = registry, device
         self._sampler_entry = registry.get("scheduler", sampler)
@@ -189,6 +197,7 @@ class Run:
                 autoencoder=self.autoencoder,
                 transforms=thresholds(self.threshold, self.percentile),
                 device=device,
+                chunk=chunk,
             )
         except IncompatibleError as exc:
             raise IncompatibleError(f"model {self.model_name}: {exc}") from None
@@ -395,6 +404,7 @@ class Run:
             "threshold": self.threshold,
             "percentile": self.percentile,
             "device": str(self.device),
+            "chunk": self.loop.chunk,
             "versions": self.versions(),
         }
         if view is not None and "bridged_times" in view.info:
@@ -568,6 +578,7 @@ def _replay(
             device=resolve_device(device),
             options=options,
             strict_options=False,
+            chunk=recipe.get("chunk", 0),
         )
     run.defaults = {k: recipe[k] for k in ("seeds", "prompts", "condition_images")
                     if recipe.get(k) is not None}  # fmt: skip

@@ -24,6 +24,8 @@ from diffplug.plan import Plan
 from diffplug.prediction import Linear, as_tuple, linear
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+#: rows per denoiser call on the CPU: fixed, so samples do not depend on the batch size
+DEFAULT_CHUNK = 16
 
 
 @dataclass
@@ -156,6 +158,7 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Draw ``len(seeds)`` samples; sample k is seeded by ``seeds[k]``.
 
@@ -168,14 +171,16 @@ def sample(
     keeping the network's eps_hat next to a clipped x0_hat collapses DDIM at high guidance. A
     sampler's own transforms (its ``--clip-sample``) keep eps_hat, as its reference does.
     ``noise(seeds, shape, noisy_steps)`` may replace the per-sample generators (for tests
-    against another library's noise).
+    against another library's noise). ``chunk`` is the number of rows per denoiser call
+    (default 16 on the CPU, where it makes sample k bitwise the same at any batch size and
+    thread count; 0: the whole batch at once, the default on GPUs).
 
     This is ``prepare(...).draw(...)``: ``diffplug.load`` keeps the prepared loop of a run
     and draws from it as often as asked.
     """
     loop = prepare(denoiser, scheduler, steps=steps, conditioner=conditioner,
                    guidance=guidance, autoencoder=autoencoder, transforms=transforms,
-                   device=device, dtype=dtype)  # fmt: skip
+                   device=device, dtype=dtype, chunk=chunk)  # fmt: skip
     return loop.draw(seeds, conditions, batch_size=batch_size, callback=callback,
                      progress=progress, check_finite=check_finite, noise=noise)  # fmt: skip
 
@@ -191,6 +196,7 @@ def prepare(
     transforms: Sequence[Transform] = (),
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    chunk: int | None = None,
 ) -> Loop:
     """Everything done once per run, before any step: the compatibility check, the plan,
     the model view (bridge), the folded tables, the model's times and one preflight call."""
@@ -216,9 +222,13 @@ def prepare(
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
     if conditioner is not None and conditioner.kind is not None:
         _preflight(denoiser, conditioner, times[0], device, dtype)
+    if chunk is None:  # on by default where it is cheap: the CPU
+        chunk = DEFAULT_CHUNK if device.type == "cpu" else 0
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise UserError(f"chunk must be a whole number of rows (0: off); got {chunk!r}")
     return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,
                 conditioner, autoencoder, sum(plan.noisy(i) for i in range(len(plan))),
-                device, dtype)  # fmt: skip
+                device, dtype, chunk)  # fmt: skip
 
 
 @dataclass
@@ -238,6 +248,8 @@ class Loop:
     noisy_steps: int
     device: torch.device
     dtype: torch.dtype
+    #: rows per denoiser call (0: the whole batch); see ``_Caller``
+    chunk: int = 0
 
     def draw(
         self,
@@ -274,7 +286,8 @@ class Loop:
                     inputs = _inputs(conditioner, conditions, start, size)
                     best, best_score = None, None
                     for variant in variants:  # one, unless the conditioner sweeps (best of)
-                        cond, null = _conditioning(variant, inputs, batch_seeds, self.guided)
+                        cond, null = _conditioning(variant, inputs, batch_seeds, self.guided,
+                                                   self.chunk)  # fmt: skip
                         x = batch.run(batch_seeds, cond, null, bar.update if progress else None)
                         # NaN/Inf from the denoiser propagates into x: one check per batch, no
                         # per-step sync. Only on failure is the batch replayed (same seeds) to
@@ -284,7 +297,7 @@ class Loop:
                             batch.run(batch_seeds, cond, null, None, health=health)
                             _raise_if_nonfinite(health, batch_seeds, self.plan)
                         if self.autoencoder is not None:
-                            x = self.autoencoder.decode(x)
+                            x = _in_chunks(self.autoencoder.decode, x, self.chunk)
                         if len(variants) == 1:
                             best = x
                             break
@@ -313,30 +326,17 @@ class _Batch:
     callback: Callable[[Step], None] | None
     noise: Any
 
-    def model(self, x: torch.Tensor, i: int, t: torch.Tensor, cond: Cond,
-              both: torch.Tensor | None) -> tuple:  # fmt: skip
-        """The prediction at step i; guided, both halves in one call on the per-batch
-        buffer ``both`` (x twice) with times and conditions concatenated once per batch."""
+    def check(self, pred: tuple, x: torch.Tensor) -> None:
+        """The first step's prediction must be what the denoiser declares."""
         loop = self.loop
-        if both is None:
-            pred = as_tuple(loop.denoiser(x, t, cond))
-        else:
-            size = x.shape[0]
-            both[:size].copy_(x)
-            both[size:].copy_(x)
-            pairs = as_tuple(loop.denoiser(both, t, cond))
-            pred = tuple(torch.lerp(u, c, loop.guidance) for c, u in (p.chunk(2) for p in pairs))
-        if i == 0 and (
-            len(pred) != len(loop.tables.fp[i]) or any(p.shape != x.shape for p in pred)
-        ):
+        if len(pred) != len(loop.tables.fp[0]) or any(p.shape != x.shape for p in pred):
             owner = type(loop.denoiser)
             raise PluginError(
                 f"denoiser {owner.__module__}.{owner.__qualname__} breaks its contract: it "
-                f"declares prediction {loop.denoiser.prediction!r} ({len(loop.tables.fp[i])} "
+                f"declares prediction {loop.denoiser.prediction!r} ({len(loop.tables.fp[0])} "
                 f"tensor(s) of shape {tuple(x.shape)}) but returned "
                 f"{[tuple(p.shape) for p in pred]}"
             )
-        return pred
 
     def run(
         self,
@@ -358,15 +358,13 @@ class _Batch:
         )
         x = src.initial().to(device=loop.device, dtype=loop.dtype) * plan.init_scale
         stepper = plan.begin(x) or plan
-        calls = 2 * size if loop.guided else size
-        times = [t.expand(calls) for t in loop.times]  # views, made once per batch
-        both = x.new_empty((calls, *x.shape[1:])) if loop.guided else None
-        cond = _cat(cond, null) if loop.guided else cond  # once per batch, not per step
+        call = _Caller(loop, x, cond, null)  # buffers, times and conditions: once per batch
         noisy = [plan.noisy(i) for i in range(len(plan))]
         scale = view.scale if view is not None else None
         for i in range(len(plan)):
-            x_in = x if scale is None else x * scale[i]
-            pred = self.model(x_in, i, times[i], cond, both)
+            pred = call(x if scale is None else x * scale[i], i)
+            if i == 0:
+                self.check(pred, x)
             if health is not None:
                 for p in pred:
                     health[i] += p.reshape(size, -1).sum(1)
@@ -394,6 +392,70 @@ class _Batch:
         return x
 
 
+class _Caller:
+    """Calls the denoiser for one batch. Guided, both halves go in one call on a buffer
+    holding x twice, with times and conditions concatenated once per batch. With
+    ``loop.chunk`` the call is made on fixed-size chunks of that many rows (the last padded):
+    CPU kernels pick their algorithm by batch size, so a sample's numbers then do not depend
+    on how many others share its batch, its position in it, or the batch size."""
+
+    def __init__(self, loop: Loop, x: torch.Tensor, cond: Cond, null: Cond) -> None:
+        self.loop, self.size = loop, x.shape[0]
+        rows = 2 * self.size if loop.guided else self.size
+        self.chunk = loop.chunk or 0
+        padded = -(-rows // self.chunk) * self.chunk if self.chunk else rows
+        cond = _cat(cond, null) if loop.guided else cond
+        self.direct = not self.chunk and not loop.guided  # nothing to copy: call on x itself
+        self.buffer = None if self.direct else x.new_zeros((padded, *x.shape[1:]))
+        self.cond = _pad(cond, padded)
+        self.times = [t.expand(padded) for t in loop.times]  # views
+        self.starts = list(range(0, padded, self.chunk or padded))
+        self.out: list[torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, i: int) -> tuple:
+        loop, n = self.loop, self.size
+        if self.direct:
+            return as_tuple(loop.denoiser(x, self.times[i], self.cond))
+        assert self.buffer is not None
+        self.buffer[:n].copy_(x)
+        if loop.guided:
+            self.buffer[n : 2 * n].copy_(x)
+        if len(self.starts) == 1:
+            out = as_tuple(loop.denoiser(self.buffer, self.times[i], self.cond))
+        else:
+            out = self._chunked(i)
+        if not loop.guided:
+            return tuple(p[:n] for p in out)
+        return tuple(torch.lerp(p[n : 2 * n], p[:n], loop.guidance) for p in out)
+
+    def _chunked(self, i: int) -> tuple:
+        assert self.buffer is not None
+        step, t = self.chunk, self.times[i]
+        for start in self.starts:
+            rows = slice(start, start + step)
+            cond = None if self.cond is None else {k: v[rows] for k, v in self.cond.items()}
+            part = as_tuple(self.loop.denoiser(self.buffer[rows], t[rows], cond))
+            if self.out is None:  # the prediction buffers, made once per batch
+                self.out = [p.new_empty((len(self.buffer), *p.shape[1:])) for p in part]
+            for buffer, p in zip(self.out, part, strict=False):
+                buffer[rows].copy_(p)
+        assert self.out is not None
+        return tuple(self.out)
+
+
+def _pad(cond: Cond, rows: int) -> Cond:
+    """Conditions with their batch padded to ``rows`` (repeating the last row)."""
+    if cond is None:
+        return None
+    out = {}
+    for key, value in cond.items():
+        extra = rows - value.shape[0]
+        out[key] = (
+            value if extra <= 0 else torch.cat([value, value[-1:].expand(extra, *value.shape[1:])])
+        )
+    return out
+
+
 def _inputs(
     conditioner: Conditioner | None, conditions: Sequence[Any] | None, start: int, size: int
 ) -> list[Any] | None:
@@ -403,12 +465,45 @@ def _inputs(
 
 
 def _conditioning(
-    conditioner: Conditioner | None, inputs: list[Any] | None, seeds: Sequence[int], guided: bool
+    conditioner: Conditioner | None,
+    inputs: list[Any] | None,
+    seeds: Sequence[int],
+    guided: bool,
+    chunk: int = 0,
 ) -> tuple[Cond, Cond]:
+    """Conditions (and null conditions) of a batch, made ``chunk`` inputs at a time so a text
+    encoder's numbers do not depend on the batch either."""
     if conditioner is None or inputs is None:
         return None, None
-    cond = conditioner.condition(inputs, seeds)
-    return cond, (conditioner.null(len(inputs)) if guided else None)
+    step = chunk or len(inputs)
+    parts = [conditioner.condition(inputs[k : k + step], seeds[k : k + step])
+             for k in range(0, len(inputs), step)]  # fmt: skip
+    cond = _join(parts)
+    if not guided:
+        return cond, None
+    nulls = [conditioner.null(len(inputs[k : k + step])) for k in range(0, len(inputs), step)]
+    return cond, _join(nulls)
+
+
+def _join(parts: list[Cond]) -> Cond:
+    if any(p is None for p in parts):
+        return None
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index]
+
+
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               chunk: int) -> torch.Tensor:  # fmt: skip
+    """``fn`` (a decoder) on fixed-size chunks of x, the last padded with zeros."""
+    if not chunk:
+        return fn(x)
+    out = []
+    for k in range(0, len(x), chunk):
+        part = x[k : k + chunk]
+        pad = chunk - len(part)
+        if pad:
+            part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
+        out.append(fn(part)[: chunk - pad])
+    return torch.cat(out)
 
 
 def _preflight(

@@ -64,6 +64,13 @@ from diffplug.errors import UserError
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
+    "--chunk",
+    type=click.IntRange(min=0),
+    default=None,
+    help="rows per denoiser call, the last padded: sample k is then bitwise the same at any "
+    "--batch-size and thread count (0: whole batches)  [default: 16 on the CPU, 0 on GPUs]",
+)
+@click.option(
     "--device",
     default=None,
     help="auto, cpu, cuda or mps  [default: auto: cuda, then mps, then cpu]",
@@ -151,7 +158,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
 #: flags a recipe already fixes
 RECIPE_FIXES = ("sampler", "model", "pipeline", "conditioner", "guidance", "steps", "seed",
                 "num_samples", "threshold", "threshold_percentile", "condition_images",
-                "schedule", "sigma_min", "sigma_max")  # fmt: skip
+                "schedule", "sigma_min", "sigma_max", "chunk")  # fmt: skip
 
 
 def _stage_paths(output: Path, kw: dict[str, Any]) -> list[Path]:
@@ -187,6 +194,7 @@ def _sample(
             model=kw["model"], sampler=kw["sampler"], pipeline=kw["pipeline"],
             steps=kw["steps"], schedule=kw["schedule"], sigma_min=kw["sigma_min"],
             sigma_max=kw["sigma_max"], conditioner=kw["conditioner"], guidance=kw["guidance"],
+            chunk=kw["chunk"],
             threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
             **extra,
         )  # fmt: skip
