@@ -12,8 +12,9 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's directory; rename it over ``path`` on success."""
-    target = Path(path)
+    """Yield a temporary path in the target's directory; rename it over ``path`` on success.
+    A symlink is written through: its target is replaced, the link stays a link."""
+    target = Path(os.path.realpath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)

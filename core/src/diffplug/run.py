@@ -178,6 +178,7 @@ class Run:
                     build_config(sampler_cls.Config, options, owner=f"sampler {sampler!r}")
             else:
                 configure(self.conditioner, rest, strict=strict_options)
+        self._autoencoder_path: str | None = None
         self.autoencoder, self._autoencoder_source = self._autoencoder(autoencoder)
         self._autoencoder_chosen = autoencoder is not None
         self.guidance = self._guidance(guidance)

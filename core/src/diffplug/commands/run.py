@@ -198,6 +198,7 @@ def _sample(
             threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
             **extra,
         )  # fmt: skip
+    _refuse_overwriting_inputs(output, run, kw)
     quiet = kw["quiet"]
     if not isinstance(run, Run):  # a pipeline: its stages shard nothing, rank 0 does it all
         rank, _ = distributed.world()
@@ -234,6 +235,21 @@ def _sample(
 
     recipe = run.recipe_for(seeds, prompts or None, images, len(seeds))
     _write(Samples(to_unit(gathered), recipe), output, kw["overwrite"])
+
+
+def _refuse_overwriting_inputs(output: Path, run: Any, kw: dict[str, Any]) -> None:
+    """An output that is one of the run's own inputs (the model, its autoencoder, the recipe
+    or condition file) would destroy it: refused, even with --overwrite."""
+    import os
+
+    inputs = [kw["recipe"], kw["condition_images"], getattr(run, "_model_path", None),
+              getattr(run, "_autoencoder_path", None)]  # fmt: skip
+    target = os.path.realpath(output)
+    for item in inputs:
+        if item is not None and os.path.realpath(item) == target:
+            raise UserError(
+                f"output {output} is one of this run's inputs ({item}); write elsewhere"
+            )
 
 
 def _seeds(seed: int, n: int) -> list[int]:
