@@ -241,16 +241,36 @@ def save_component(
         save_file(state, os.fspath(tmp), metadata=metadata)
 
 
+def _meta_state(entry: Any, cls: Any, config: Any) -> dict[str, torch.Tensor] | None:
+    """The state dict ``config`` builds, as meta tensors (shapes and dtypes, no storage), or
+    None for a component that cannot be built on the meta device (it is then checked after
+    building, as before)."""
+    try:
+        with torch.device("meta"):
+            return dict(entry.construct(config, cls=cls).state_dict())
+    except Exception:  # a constructor that computes with its tensors: checked after the build
+        return None
+
+
+_FLOATS = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
+
+
 def _check_against_config(
     path: str | os.PathLike[str],
     expected: dict[str, torch.Tensor],
     skip_prefix: str | None = None,
 ) -> None:
-    """Names and shapes in the header must be what the config builds, before any read."""
+    """Names, shapes and kinds of dtype in the header must be what the config builds, before
+    any tensor is read (int8 or bool weights under a float layer would load and give NaN)."""
     header, _ = read_header(path)
     got = {k: tuple(v["shape"]) for k, v in header.items()
            if not (skip_prefix and k.startswith(skip_prefix))}  # fmt: skip
     want = {k: tuple(v.shape) for k, v in expected.items()}
+    kinds = [f"{k}: {header[k]['dtype']} for a {str(v.dtype).removeprefix('torch.')} tensor"
+             for k, v in expected.items() if k in header
+             and v.dtype.is_floating_point != (header[k]["dtype"] in _FLOATS)][:3]  # fmt: skip
+    if kinds:
+        raise CheckpointError(f"{path}: tensors of the wrong kind of dtype ({', '.join(kinds)})")
     if got != want:
         missing = sorted(set(want) - set(got))[:3]
         extra = sorted(set(got) - set(want))[:3]
@@ -295,14 +315,18 @@ def load_component(
 
     cls = entry.load()
     config = build_config(cls.Config, meta["config"], owner=f"{meta['kind']} {meta['name']!r}")
-    component = entry.construct(config, cls=cls)
     # a denoiser trained with a conditioner that learns (a text encoder) carries its weights
     joint = meta["kind"] == "denoiser" and bool(
         (meta["extra"].get("conditioner") or {}).get("weights")
     )
-    _check_against_config(
-        path, component.state_dict(), skip_prefix=CONDITIONER_PREFIX if joint else None
-    )
+    skip = CONDITIONER_PREFIX if joint else None
+    # the config's shapes and dtypes, from a build on the meta device (no memory): a config
+    # that would build 3 GB of weights for a 3 MB file is refused before anything is allocated
+    probe = _meta_state(entry, cls, config)
+    if probe is not None:
+        _check_against_config(path, probe, skip_prefix=skip)
+    component = entry.construct(config, cls=cls)
+    _check_against_config(path, component.state_dict(), skip_prefix=skip)
     state = load_tensors(path)
     own = {k: v for k, v in state.items() if not (joint and k.startswith(CONDITIONER_PREFIX))}
     try:

@@ -118,6 +118,8 @@ def coerce(info: OptionInfo, value: Any, *, owner: str) -> Any:
         if origin in (list, tuple) or typ in (list, tuple):
             (inner, *_) = typing.get_args(typ) or (str,)
             items = value.split(",") if isinstance(value, str) else list(value)
+            if inner is int and any(isinstance(v, float) and not v.is_integer() for v in items):
+                raise ValueError(value)
             return [inner(v) for v in items if not isinstance(v, str) or v.strip()]
         if origin is dict or typ is dict or typ is Any:
             return value
@@ -127,6 +129,10 @@ def coerce(info: OptionInfo, value: Any, *, owner: str) -> Any:
                 raise ValueError(value)
             return number
         if typ is int and isinstance(value, str | int) and not isinstance(value, bool):
+            return int(value)
+        if typ is int and isinstance(value, float):  # 32.0 is 32; 32.7 is no whole number
+            if not value.is_integer():
+                raise ValueError(value)
             return int(value)
         if typ is str:
             return str(value)
