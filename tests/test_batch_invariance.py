@@ -84,3 +84,13 @@ def test_chunk_is_recorded_and_replayed(tmp_path):
     assert run.loop.chunk == 4
     with pytest.raises(diffplug.UserError, match="chunk must be a whole number"):
         diffplug.load(model="ddpm-digits", sampler="ddim", chunk=-1)
+
+
+def test_chunks_are_on_for_networks_on_the_cpu_and_off_for_exact_formulas():
+    from diffplug.sampling import prepare
+    from diffplug.testing import circle_mixture
+
+    ddim = diffplug.default_registry().load("scheduler", "ddim")
+    assert prepare(circle_mixture(), ddim(), steps=2).chunk == 0  # batch-invariant by formula
+    run = diffplug.load(model="ddpm-digits", sampler="ddim", steps=2)
+    assert run.loop.chunk == 16

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from fixture_tiny_model import TinyConfig
+from fixture_vp_sampler import FixtureDDIM, FixtureDDIMConfig
 
 from diffplug.errors import IncompatibleError, OptionError
 from diffplug.noise import NoiseSource
@@ -13,8 +15,6 @@ from diffplug.sampling import sample
 from diffplug.testing import dummy_denoiser
 from diffplug.transforms import DynamicConfig, DynamicThreshold, StaticThreshold
 from diffplug.vp import VP, VPConfig
-from diffplug_ddim.scheduler import DDIM, DDIMConfig
-from diffplug_ddpm.unet import UNetConfig
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v", "c_eps"])
@@ -69,18 +69,18 @@ def test_noise_streams_do_not_depend_on_the_batch():
 
 def test_options_are_coerced_checked_and_listed():
     config = build_config(
-        DDIMConfig, {"eta": "0.5", "spacing": "trailing", "clip_sample": "yes"}, owner="ddim"
+        FixtureDDIMConfig, {"eta": "0.5", "spacing": "trailing", "clip_sample": "yes"}, owner="ddim"
     )
-    assert config == DDIMConfig(eta=0.5, spacing="trailing", clip_sample=True)
+    assert config == FixtureDDIMConfig(eta=0.5, spacing="trailing", clip_sample=True)
     with pytest.raises(OptionError, match="--eta must be >= 0"):
-        build_config(DDIMConfig, {"eta": -1}, owner="ddim")
+        build_config(FixtureDDIMConfig, {"eta": -1}, owner="ddim")
     with pytest.raises(
         OptionError, match="its options: --spacing, --steps-offset, --clip-sample, --eta"
     ):
-        build_config(DDIMConfig, {"etta": 1}, owner="ddim")
+        build_config(FixtureDDIMConfig, {"etta": 1}, owner="ddim")
     with pytest.raises(OptionError, match="expects bool"):
-        build_config(DDIMConfig, {"clip_sample": "maybe"}, owner="ddim")
-    assert build_config(UNetConfig, {"mults": "1,2,4"}, owner="unet").mults == [1, 2, 4]
+        build_config(FixtureDDIMConfig, {"clip_sample": "maybe"}, owner="ddim")
+    assert build_config(TinyConfig, {"widths": "1,2,4"}, owner="tiny").widths == [1, 2, 4]
 
 
 def test_static_threshold_clips_and_dynamic_matches_diffusers():
@@ -108,20 +108,20 @@ def test_incompatible_conditioning_is_refused_before_sampling():
     with pytest.raises(
         IncompatibleError, match="unconditional but conditioner .* gives text conditioning"
     ):
-        sample(dummy_denoiser(), DDIM(), steps=2, seeds=[0], conditioner=TextConditioner())
+        sample(dummy_denoiser(), FixtureDDIM(), steps=2, seeds=[0], conditioner=TextConditioner())
 
 
 def test_callbacks_see_every_step_and_x0():
     seen = []
     out = sample(
         dummy_denoiser(),
-        DDIM(),
+        FixtureDDIM(),
         steps=4,
         seeds=[0, 1],
         callback=lambda s: seen.append((s.index, s.x0.shape)),
     )
     assert [i for i, _ in seen] == [0, 1, 2, 3] and seen[0][1] == (2, 1, 4, 4)
-    plain = sample(dummy_denoiser(), DDIM(), steps=4, seeds=[0, 1])
+    plain = sample(dummy_denoiser(), FixtureDDIM(), steps=4, seeds=[0, 1])
     torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)  # unfused path == fused path
 
 
@@ -129,7 +129,7 @@ def test_a_stateful_plan_begins_every_batch_afresh():
     """Plan.begin runs before each batch's first step with that batch's x, so history kept by
     a multistep plan never crosses batches: batch size does not change the samples."""
 
-    class Counting(DDIM):
+    class Counting(FixtureDDIM):
         def plan(self, process, steps):
             plan = super().plan(process, steps)
             plan.__class__ = type("CountingPlan", (type(plan),), {
@@ -166,10 +166,10 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
 
     model = Shift(DenoiserConfig(size=2, conditioning="class", prediction="x0"))
     a = sample(
-        model, DDIM(), steps=1, seeds=[0], conditioner=Labels(), conditions=[2], guidance=1.0
+        model, FixtureDDIM(), steps=1, seeds=[0], conditioner=Labels(), conditions=[2], guidance=1.0
     )
     b = sample(
-        model, DDIM(), steps=1, seeds=[0], conditioner=Labels(), conditions=[2], guidance=3.0
+        model, FixtureDDIM(), steps=1, seeds=[0], conditioner=Labels(), conditions=[2], guidance=3.0
     )
     x_t = NoiseSource([0], (1, 2, 2), steps=0).initial()
     # one DDIM step to t=-1 returns x0_hat: cond = 0.1x + 2, uncond = 0.1x

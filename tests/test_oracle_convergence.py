@@ -1,11 +1,14 @@
-"""DDPM and DDIM against exact answers: the Gaussian-mixture oracle makes the denoiser exact,
-so what is left is the sampler's own error.
+"""Samplers against exact answers: the Gaussian-mixture oracle makes the denoiser exact, so
+what is left is the sampler's own error.
 
-* DDIM (eta = 0) is a first-order solver of the probability-flow ODE: its distance to a
-  1000-step run from the same x_T shrinks ~linearly with the step count.
-* DDPM's 1000-step ancestral sampler draws from the data distribution: the samples' mean,
-  covariance, mode weights and within-mode spread match the mixture's within sampling error.
-* DDIM with eta = 1 is DDPM with the fixed_small (posterior) variance, step for step.
+* The statistical check itself: exact draws from the mixture pass it, slightly wrong
+  distributions and 10 coarse ancestral steps (a fixture DDPM step) fail it.
+* DDIM with eta = 1 is DDPM with the fixed_small (posterior) variance, step for step: a
+  test of two plugins together.
+
+Each plugin's own convergence moved to its tests: DDIM's first order and its 1000-step
+samples to plugins/ddim/tests/test_ddim_core_moved.py, DDPM's 1000-step samples to
+plugins/ddpm/tests/test_ddpm_core_moved.py.
 """
 
 from __future__ import annotations
@@ -14,15 +17,11 @@ import math
 
 import pytest
 import torch
+from fixture_vp_sampler import FixtureDDPM
 
 from diffplug.oracle import GaussianMixtureDenoiser, circle_mixture
 from diffplug.sampling import fold, sample
-from diffplug.testing.mixture import (
-    assert_matches_mixture,
-    exact_draws,
-    mean_distance,
-    statistics,
-)
+from diffplug.testing.mixture import assert_matches_mixture
 from diffplug.testing.threads import torch_threads
 from diffplug.vp import VP, VPConfig
 from diffplug_ddim.scheduler import DDIM
@@ -37,6 +36,7 @@ LINEAR = {
     "beta_end": 0.02,
     "rescale_zero_terminal_snr": False,
 }
+N_SAMPLES = 4096
 SCHEDULES = {
     "linear": (1e-4, 0.02),
     "scaled_linear": (0.00085, 0.012),
@@ -56,63 +56,7 @@ def mixture() -> GaussianMixtureDenoiser:
     return circle_mixture(process=LINEAR)
 
 
-# ------------------------------------------------------------------- DDIM: first order
-
-
-# Measured (1024 samples, float64, error against the 1000-step run from the same x_T):
-#   steps      5      10     20     40     50     100
-#   trailing   0.391  0.177  0.093  0.049  0.039  0.0196
-#   leading    0.382  0.170  0.085  0.044  0.035  0.0171
-#   linspace   0.496  0.190  0.090  0.045  0.036  0.0172
-# so err(N)/err(2N) = 1.91/1.91/2.01 (trailing), 1.99/1.96/2.05 (leading),
-# 2.11/2.01/2.07 (linspace) for N = 10/20/50, and N*err(N) stays within 1.7..2.0.
-# (For comparison, the squaredcos_cap_v2 schedule gives 0.184/0.095/0.050/0.021/0.010 at
-# 5/10/20/50/100 trailing steps.)
-@pytest.mark.slow
-@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
-def test_ddim_error_shrinks_linearly_with_steps(mixture, spacing):
-    seeds = range(1024)
-
-    def run(steps: int) -> torch.Tensor:
-        sampler = DDIM.from_options(eta=0.0, spacing=spacing)
-        return sample(mixture, sampler, steps=steps, seeds=seeds, dtype=F64)
-
-    reference = run(1000)
-    counts = [5, 10, 20, 40, 50, 100]
-    err = {n: mean_distance(run(n), reference) for n in counts}
-    print(spacing, {n: round(e, 4) for n, e in err.items()})
-    # errors fall strictly with the step count
-    assert all(err[a] > err[b] for a, b in zip(counts, counts[1:], strict=False)), err
-    # first order: doubling the steps halves the error
-    for n in (10, 20, 50):
-        assert 1.6 <= err[n] / err[2 * n] <= 2.6, (n, err)
-    # and the first-order constant is what was measured (a sampler with a wrong coefficient
-    # converges to a different endpoint and its error stalls, or starts far larger)
-    for n in (10, 20, 40, 50, 100):
-        assert 1.3 <= n * err[n] <= 2.6, (n, err)
-    # the 1000-step reference itself is samples, not x_T or a collapsed point
-    assert mean_distance(reference, torch.zeros_like(reference)) > 0.5
-
-
-def test_ddim_eta0_is_deterministic_given_x_T(mixture):
-    """eta = 0 draws no step noise: the same seeds give the same samples in any batching."""
-    sampler = DDIM.from_options(eta=0.0, spacing="trailing")
-    a = sample(mixture, sampler, steps=20, seeds=range(32), dtype=F64)
-    b = sample(mixture, sampler, steps=20, seeds=range(32), batch_size=5, dtype=F64)
-    assert torch.equal(a, b)
-    c = sample(mixture, sampler, steps=20, seeds=range(32, 64), dtype=F64)
-    assert mean_distance(a, c) > 0.5
-
-
-# ---------------------------------------------------------- DDPM: the data distribution
-
-N_SAMPLES = 4096
-
-
-def spread_ratio(x: torch.Tensor, model: GaussianMixtureDenoiser) -> float:
-    """Within-mode spread of x over the mixture's (from exact draws)."""
-    exact = statistics(exact_draws(model), model)["spread"].mean()
-    return (statistics(x, model)["spread"].mean() / exact).item()
+# ------------------------------------------------------------------- the check itself
 
 
 def test_moment_check_accepts_exact_samples_and_rejects_near_misses(mixture):
@@ -138,42 +82,12 @@ def test_moment_check_accepts_exact_samples_and_rejects_near_misses(mixture):
         assert_matches_mixture(bigger.sample_data(N_SAMPLES, g), mixture, keys=("covariance",))
 
 
-# Measured max |z| over each group at 4096 samples (seeds 0..4095):
-#   sampler             mean  covariance  modes  spread (ratio to exact)
-#   DDPM fixed_small    0.66  1.32        1.44   5.04   (0.944)
-#   DDPM fixed_large    0.67  1.16        1.54   0.53   (1.006)
-#   DDIM eta=0          0.59  1.76        0.74   2.32   (0.974)
-# DDPM's fixed_small variance (the posterior variance, also DDIM eta=1's: the same samples)
-# ignores the uncertainty of x0_hat, which for modes this narrow (variance 0.02) leaves the
-# samples ~5% under-dispersed within modes at T = 1000: a discretization effect, not noise
-# (with 8192 samples: 4.9% at T = 1000, 0.7% for the same process discretised into
-# T = 4000 steps); diffusers' DDPMScheduler does the same to 1e-13 (test_parity_diffusers).
-# Mean, covariance and mode weights are unaffected; the spread is checked as a bound there.
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "sampler, exact_spread",
-    [
-        (DDPM.from_options(variance="fixed_small"), False),
-        (DDPM.from_options(variance="fixed_large"), True),
-        (DDIM.from_options(eta=0.0), True),
-    ],
-    ids=["ddpm-fixed_small", "ddpm-fixed_large", "ddim-eta0"],
-)
-def test_1000_step_sampling_draws_the_mixture(mixture, sampler, exact_spread):
-    x = sample(mixture, sampler, steps=1000, seeds=range(N_SAMPLES))
-    assert x.shape == (N_SAMPLES, 1, 2, 2)
-    if exact_spread:
-        assert_matches_mixture(x, mixture)
-    else:
-        assert_matches_mixture(x, mixture, keys=("mean", "covariance", "modes"))
-        # under-dispersed by 1..10% (measured 5.6%; standard error of the ratio 1.1%)
-        assert 0.90 <= spread_ratio(x, mixture) <= 0.99
-
-
 def test_10_step_ddpm_is_detectably_wrong(mixture):
-    """The check has power against a real sampler error: 10 ancestral steps are too coarse
-    (measured covariance |z| = 19), where 1000 are not."""
-    x = sample(mixture, DDPM.from_options(variance="fixed_small"), steps=10, seeds=range(N_SAMPLES))
+    """The check has power against a real sampler error: 10 ancestral steps (DDPM's, with the
+    fixed_small variance) are too coarse (measured covariance |z| = 19), where 1000 are not
+    (diffplug-ddpm's test_ddpm_core_moved.py)."""
+    sampler = FixtureDDPM.from_options(variance="fixed_small")
+    x = sample(mixture, sampler, steps=10, seeds=range(N_SAMPLES))
     with pytest.raises(AssertionError, match="covariance"):
         assert_matches_mixture(x, mixture, keys=("mean", "covariance", "modes"))
 

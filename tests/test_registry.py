@@ -27,16 +27,29 @@ def test_unknown_name_lists_installed_and_says_where_to_look():
         reg.get("denoiser", "nope")
 
 
+class _AnotherDdim:
+    """A second plugin (a hook object) registering the bare name 'ddim'."""
+
+    __name__ = "another-ddim"
+
+    from diffplug import hookimpl
+
+    @hookimpl
+    def register_schedulers(self, register):
+        register("ddim", "fixture_vp_sampler:FixtureDDIM", "a ddim of its own")
+
+
 def test_two_plugins_with_one_bare_name_are_ambiguous_never_last_wins():
-    reg = Registry(autoload=True, modules=["fixture_clash"], blocked=())
-    with pytest.raises(AmbiguousComponentError) as info:
-        reg.get("scheduler", "ddim")
-    assert "diffplug-ddim:ddim" in str(info.value)
-    assert "fixture-clash:ddim" in str(info.value)
-    assert reg.get("scheduler", "diffplug-ddim:ddim").target == "diffplug_ddim.scheduler:DDIM"
-    assert reg.get("scheduler", "fixture-clash:ddim").summary == "an impostor ddim"
-    assert reg.get("scheduler", "clash-unique").dist == "fixture-clash"
-    assert {"diffplug-ddim:ddim", "fixture-clash:ddim"} <= set(reg.names("scheduler"))
+    for order in ([_AnotherDdim(), "fixture_clash"], ["fixture_clash", _AnotherDdim()]):
+        reg = fresh_registry(*order)
+        with pytest.raises(AmbiguousComponentError) as info:
+            reg.get("scheduler", "ddim")
+        assert "another-ddim:ddim" in str(info.value)
+        assert "fixture-clash:ddim" in str(info.value)
+        assert reg.get("scheduler", "another-ddim:ddim").target == "fixture_vp_sampler:FixtureDDIM"
+        assert reg.get("scheduler", "fixture-clash:ddim").summary == "an impostor ddim"
+        assert reg.get("scheduler", "clash-unique").dist == "fixture-clash"
+        assert {"another-ddim:ddim", "fixture-clash:ddim"} <= set(reg.names("scheduler"))
 
 
 @pytest.mark.parametrize(
@@ -49,11 +62,12 @@ def test_two_plugins_with_one_bare_name_are_ambiguous_never_last_wins():
     ],
 )
 def test_a_broken_plugin_is_reported_and_the_others_keep_working(module, error, capsys):
-    reg = Registry(autoload=True, modules=[module], blocked=(), strict=False)
+    reg = fresh_registry("fixture_vp_sampler", module, strict=False)
     info = reg.plugins[module.replace("_", "-")]
     assert error in info.error
     assert info.entries == []  # all or nothing: a half-registered plugin contributes nothing
-    assert reg.get("scheduler", "ddim").dist == "diffplug-ddim"
+    assert reg.get("scheduler", "fixture-ddim").dist == "fixture-vp-sampler"
+    assert reg.plugins["fixture-vp-sampler"].error is None
     assert "half-registered" not in reg.names("scheduler")
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and module.replace("_", "-") in stderr

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from cliutil import FIXTURES, run_cli
+from coreonly import ENV, core_only
+from fixture_tiny_model import TinyConfig, TinyDenoiser
+from fixture_vp_sampler import FixtureDDIM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffplug.checkpoint import read_header
+from diffplug.checkpoint import read_header, save_component
 from diffplug.errors import CheckpointError, UserError
 from diffplug.registry import default_registry
 from diffplug.sampling import sample
@@ -43,7 +46,7 @@ def test_no_pickle_or_torch_load_in_the_code_base():
 
 
 def _start(args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(FIXTURES), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES), "OMP_NUM_THREADS": "1", **ENV}
     err = open(cwd / "stderr.txt", "w")  # noqa: SIM115 - closed by the caller's wait
     # a shell's background jobs inherit SIGINT ignored, and Python then never raises
     # KeyboardInterrupt: give the child the default disposition, as a terminal would
@@ -67,21 +70,26 @@ def _wait_for(path, needle, proc, timeout=120):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_run_leaves_no_output(tmp_path, sig):
-    proc, err = _start(["run", "--sampler", "ddpm", "--steps", "1000", "--num-samples", "256",
-                        "-o", "out.png"], tmp_path)  # fmt: skip
-    _wait_for(tmp_path / "stderr.txt", r"sampling: +\d+%.*\| [1-9]\d*/", proc)
+    model = tmp_path / "model.safetensors"
+    with core_only():  # wide enough that 1000 steps of 256 samples take over half a minute
+        save_component(TinyDenoiser(TinyConfig(size=8, widths=[64, 64])), model, kind="denoiser")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc, err = _start(["run", "--sampler", "fixture-ddpm", "--model", str(model), "--steps",
+                        "1000", "--num-samples", "256", "-o", "out.png"], work)  # fmt: skip
+    _wait_for(work / "stderr.txt", r"sampling: +\d+%.*\| [1-9]\d*/", proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == 130
     err.close()
-    assert "interrupted" in (tmp_path / "stderr.txt").read_text()
-    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]  # no output, no temp
+    assert "interrupted" in (work / "stderr.txt").read_text()
+    assert "Traceback" not in (work / "stderr.txt").read_text()
+    assert sorted(p.name for p in work.iterdir()) == ["stderr.txt"]  # no output, no temp
 
 
 @pytest.mark.slow
 def test_interrupting_train_leaves_a_resumable_checkpoint(tmp_path):
-    args = ["train", "--method", "ddpm", "--steps", "100000", "--batch-size", "8", "--width", "8",
-            "--heads", "2", "--checkpoint-every", "100000", "--out", "run"]  # fmt: skip
+    args = ["train", "--method", "uniform-vp", "--steps", "100000", "--batch-size", "8",
+            "--widths", "8,8", "--checkpoint-every", "100000", "--out", "run"]  # fmt: skip
     proc, err = _start(args, tmp_path)
     _wait_for(tmp_path / "stderr.txt", r"training: +\d+%.*\| [1-9]\d*/", proc)
     proc.send_signal(signal.SIGINT)
@@ -92,7 +100,7 @@ def test_interrupting_train_leaves_a_resumable_checkpoint(tmp_path):
     assert step >= 1 and "Traceback" not in text
     assert (tmp_path / "run" / "latest").read_text() == f"state-{step:08d}"
     resumed = run_cli(*[a if a != "100000" else str(step + 2) for a in args[:-2]], "--out",
-                      str(tmp_path / "run"), "--resume", "-q")  # fmt: skip
+                      str(tmp_path / "run"), "--resume", "-q", env=ENV)  # fmt: skip
     assert resumed.code == 0, resumed.err
     assert (
         json.loads((tmp_path / "run" / f"state-{step + 2:08d}" / "state.json").read_text())["step"]
@@ -178,14 +186,18 @@ values = st.one_of(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(sampler=st.sampled_from(["ddim", "ddpm"]), options=st.lists(st.tuples(names, values), max_size=3),
-       steps=st.integers(-2, 1200))  # fmt: skip
+@given(
+    sampler=st.sampled_from(["fixture-ddim", "fixture-ddpm"]),
+    options=st.lists(st.tuples(names, values), max_size=3),
+    steps=st.integers(-2, 1200),
+)
 def test_any_cli_options_give_samples_or_a_clean_error(tmp_path, sampler, options, steps):
     out = tmp_path / "o.safetensors"
     out.unlink(missing_ok=True)
     flat = [s for name, value in options for s in (f"--{name}", value)]
     result = run_cli("run", "--sampler", sampler, "--model", "gmm-digits", "--num-samples", "1",
-                     "--steps", str(steps), "-q", "--overwrite", "-o", str(out), *flat)  # fmt: skip
+                     "--steps", str(steps), "-q", "--overwrite", "-o", str(out), *flat,
+                     env=ENV)  # fmt: skip
     assert result.code in (0, 2), result.err
     assert "Traceback" not in result.err
     assert out.exists() == (result.code == 0)
@@ -195,7 +207,8 @@ def test_any_cli_options_give_samples_or_a_clean_error(tmp_path, sampler, option
 
 
 def _samplers():
-    return [e.name for e in default_registry().entries("scheduler")]
+    """Every installed sampler, by a name that resolves: qualified where two plugins share one."""
+    return default_registry().names("scheduler")
 
 
 @settings(max_examples=80, deadline=None)
@@ -206,7 +219,7 @@ def _samplers():
     t_min=st.floats(1e-6, 0.2),
     data=st.data(),
 )
-def test_every_plan_is_strictly_decreasing_in_range_and_finite(sampler, T, schedule, t_min, data):
+def test_every_plan_is_non_increasing_in_range_and_finite(sampler, T, schedule, t_min, data):
     """On every installed process the sampler supports (VP, and decoupled where installed)."""
     import math
 
@@ -227,9 +240,12 @@ def test_every_plan_is_strictly_decreasing_in_range_and_finite(sampler, T, sched
         return
     t = plan.t.tolist()
     low, high = process.t_range
-    assert all(a > b for a, b in zip(t, t[1:]))
-    assert low <= t[-1] and t[0] <= high
-    assert all(0 <= a <= 1 and 0 < s <= 1 for a, s in zip(plan.alpha, plan.sigma))
+    # a two-evaluation step (Heun's, DPM2's) visits a time twice: never increasing, moving
+    assert all(a >= b for a, b in zip(t, t[1:])) and (len(t) == 1 or t[0] > t[-1])
+    slack = 1e-9 * max(1.0, high - low)
+    assert low - slack <= t[-1] and t[0] <= high + slack
+    # a noise-level plan has alpha = 1 and sigma = the level (> 1 at high noise)
+    assert all(0 <= a <= 1 and 0 < s and math.isfinite(s) for a, s in zip(plan.alpha, plan.sigma))
     assert all(math.isfinite(v) for v in [*plan.a, *plan.b, *plan.c, *plan.d])
 
 
@@ -257,7 +273,6 @@ class _TrueX0:
 )
 def test_deterministic_ddim_recovers_x0_from_any_xt_given_the_true_x0(steps, spacing, seed):
     from diffplug.testing.contracts import _Dummy, _DummyConfig
-    from diffplug_ddim.scheduler import DDIM
 
     g = torch.Generator().manual_seed(seed)
     x0 = torch.rand(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
@@ -268,7 +283,7 @@ def test_deterministic_ddim_recovers_x0_from_any_xt_given_the_true_x0(steps, spa
             return x0.to(x.dtype)
 
     model = Oracle(_DummyConfig(size=2, prediction="x0"))
-    scheduler = DDIM.from_options(spacing=spacing)
+    scheduler = FixtureDDIM.from_options(spacing=spacing)
     t0 = int(scheduler.plan(model.process, steps).t[0])
     alpha, sigma = model.process.alpha_sigma(torch.tensor(float(t0)))
     x_t = alpha * x0 + sigma * eps

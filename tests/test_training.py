@@ -5,17 +5,24 @@ import json
 import pytest
 import torch
 from cliutil import assert_clean_error, run_cli
+from coreonly import ENV, core_only
+from fixture_tiny_model import TinyConfig, TinyDenoiser, UniformVP
 
 from diffplug.checkpoint import load_component, load_tensors, read_metadata
 from diffplug.data import digits
 from diffplug.training import TrainConfig, Trainer, lr_at, train
-from diffplug_ddpm.method import DDPMMethod
-from diffplug_ddpm.unet import UNet, UNetConfig
 
 
-def tiny_unet(seed=0):
+@pytest.fixture(autouse=True)
+def _core_only():
+    """Core and the fixture plugins only: checkpoints name the fixture denoiser's plugin."""
+    with core_only():
+        yield
+
+
+def tiny_model(seed=0):
     torch.manual_seed(seed)
-    return UNet(UNetConfig(size=8, width=8, mults=[1, 2], attention=[4], heads=2))
+    return TinyDenoiser(TinyConfig(size=8, widths=[8, 8]))
 
 
 def data():
@@ -24,7 +31,7 @@ def data():
 
 def test_loss_decreases_on_a_tiny_run(tmp_path):
     config = TrainConfig(steps=150, batch_size=64, lr=2e-3, warmup=10, checkpoint_every=1000)
-    result = train(tiny_unet(), DDPMMethod(), data(), config, tmp_path, progress=False)
+    result = train(tiny_model(), UniformVP(), data(), config, tmp_path, progress=False)
     first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
     assert last < 0.7 * first, (first, last)
     assert result.steps == 150 and result.images_per_second > 0
@@ -32,7 +39,7 @@ def test_loss_decreases_on_a_tiny_run(tmp_path):
 
 def test_ema_follows_the_weights_with_the_warmup_decay():
     config = TrainConfig(steps=3, batch_size=8, ema_decay=0.9, ema_warmup=True)
-    trainer = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    trainer = Trainer(tiny_model(), UniformVP(), data(), config)
     params = list(trainer.model.parameters())
     expected = [p.detach().clone() for p in params]
     for step in range(3):
@@ -46,14 +53,14 @@ def test_ema_follows_the_weights_with_the_warmup_decay():
 
 def test_resume_continues_exactly(tmp_path):
     config = TrainConfig(steps=20, batch_size=16, warmup=5, checkpoint_every=10, lr=1e-3)
-    train(tiny_unet(), DDPMMethod(), data(), config, tmp_path / "one", progress=False)
+    train(tiny_model(), UniformVP(), data(), config, tmp_path / "one", progress=False)
     train(
-        tiny_unet(), DDPMMethod(), data(), config, tmp_path / "two", progress=False, stop_after=10
+        tiny_model(), UniformVP(), data(), config, tmp_path / "two", progress=False, stop_after=10
     )
     assert (tmp_path / "two" / "latest").read_text() == "state-00000010"
     train(
-        tiny_unet(seed=123),
-        DDPMMethod(),
+        tiny_model(seed=123),
+        UniformVP(),
         data(),
         config,
         tmp_path / "two",
@@ -72,7 +79,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoints_are_complete_and_loadable(tmp_path):
     config = TrainConfig(steps=4, batch_size=8, checkpoint_every=2)
-    train(tiny_unet(), DDPMMethod(), data(), config, tmp_path, progress=False, extra={"note": "x"})
+    train(tiny_model(), UniformVP(), data(), config, tmp_path, progress=False, extra={"note": "x"})
     assert (tmp_path / "latest").read_text() == "state-00000004"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "latest",
@@ -83,16 +90,19 @@ def test_checkpoints_are_complete_and_loadable(tmp_path):
     assert state["step"] == 4
     meta = read_metadata(tmp_path / "model.safetensors")
     assert (
-        meta["kind"] == "denoiser" and meta["plugin"] == "diffplug-ddpm" and meta["name"] == "unet"
+        meta["kind"] == "denoiser"
+        and meta["plugin"] == "fixture-tiny-model"
+        and meta["name"] == "tiny-conv"
     )
     assert meta["extra"]["note"] == "x" and meta["extra"]["step"] == 4
     model = load_component(tmp_path / "model.safetensors", kind="denoiser")
-    assert model.config.width == 8 and not model.training
+    assert isinstance(model, TinyDenoiser)
+    assert model.config.widths == [8, 8] and not model.training
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
     config = TrainConfig(steps=4, batch_size=8, checkpoint_every=2)
-    trainer = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    trainer = Trainer(tiny_model(), UniformVP(), data(), config)
     trainer.train_step()
     trainer.train_step()
     trainer.save(tmp_path, {})
@@ -113,7 +123,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_resumable(tmp_path, 
         trainer.save(tmp_path, {})
     monkeypatch.setattr(st, "save_file", real)
     assert (tmp_path / "latest").read_text() == "state-00000002"
-    fresh = Trainer(tiny_unet(), DDPMMethod(), data(), config)
+    fresh = Trainer(tiny_model(), UniformVP(), data(), config)
     fresh.load(tmp_path)
     assert fresh.step == 2
 
@@ -126,44 +136,48 @@ def test_learning_rate_warms_up_then_decays():
     assert lr_at(config, 100) == pytest.approx(0.1)
 
 
+def cli(*args):
+    """``diffplug ARGS`` with core and the fixture plugins only."""
+    return run_cli(*args, env=ENV)
+
+
 def test_train_cli_trains_resumes_and_validates(tmp_path):
     out = tmp_path / "run"
     args = (
         "train",
         "--method",
-        "ddpm",
+        "uniform-vp",
         "--steps",
         "4",
         "--batch-size",
         "8",
-        "--width",
-        "8",
-        "--heads",
-        "2",
+        "--widths",
+        "8,8",
         "--checkpoint-every",
         "2",
         "--quiet",
         "--out",
         str(out),
     )
-    result = run_cli(*args)
+    result = cli(*args)
     assert result.code == 0, result.err
     assert "0.0" in result.err and (out / "model.safetensors").exists()
-    assert_clean_error(run_cli(*args), "--resume")
+    assert read_metadata(out / "model.safetensors")["config"]["widths"] == [8, 8]
+    assert_clean_error(cli(*args), "--resume")
     longer = [a if a != "4" else "6" for a in args]
-    assert run_cli(*longer, "--resume").code == 0
+    assert cli(*longer, "--resume").code == 0
     assert json.loads((out / "state-00000006" / "state.json").read_text())["step"] == 6
     assert_clean_error(
-        run_cli(*args[:-2], "--out", str(tmp_path / "x"), "--lrr", "1"),
+        cli(*args[:-2], "--out", str(tmp_path / "x"), "--lrr", "1"),
         "no method, denoiser or loop option --lrr",
         "--lr",
     )
-    assert_clean_error(run_cli("train", "--method", "nope"), "unknown method 'nope'")
+    assert_clean_error(cli("train", "--method", "nope"), "unknown method 'nope'")
     assert_clean_error(
-        run_cli(
+        cli(
             "train",
             "--method",
-            "ddpm",
+            "uniform-vp",
             "--data",
             str(tmp_path / "missing"),
             "--out",
@@ -173,10 +187,10 @@ def test_train_cli_trains_resumes_and_validates(tmp_path):
     )
     sample = tmp_path / "s.safetensors"
     assert (
-        run_cli(
+        cli(
             "run",
             "--sampler",
-            "ddim",
+            "fixture-ddim",
             "--model",
             str(out / "model.safetensors"),
             "--steps",

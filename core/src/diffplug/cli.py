@@ -17,6 +17,7 @@ import click
 from diffplug.errors import (
     AmbiguousComponentError,
     DiffplugError,
+    Interrupted,
     NonFiniteError,
     PluginError,
     UnknownComponentError,
@@ -295,7 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # TERM is a Ctrl-C: same clean exit
     try:
         cli.main(args=argv, prog_name="diffplug", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns KeyboardInterrupt into Abort; a clean stop says what it kept
+        stop = exc if isinstance(exc, Interrupted) else exc.__cause__
+        if isinstance(stop, Interrupted):
+            if os.environ.get("RANK", "0") == "0":
+                click.echo(f"diffplug: {stop}", err=True)
+            sys.exit(130)
         click.echo("diffplug: interrupted; nothing partial was written", err=True)
         sys.exit(130)
     except click.ClickException as exc:

@@ -119,6 +119,10 @@ class Denoiser(_Configurable, nn.Module):
     """
 
     Config: ClassVar[type] = DenoiserConfig
+    #: True when each sample's output is computed apart from its batch companions, bit for
+    #: bit at any batch size (an exact formula, not a network of CPU kernels): the loop then
+    #: skips its fixed-size chunks (``diffplug.sampling``), which cost calls, not accuracy
+    batch_invariant: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         nn.Module.__init__(self)

@@ -90,6 +90,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank gets the same answer), so that all
+    ranks stop at the same step when a signal reaches some of them first."""
+    if world()[1] == 1 or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Average gradients across ranks, for weights trained outside DDP's wrapper."""
     size = world()[1]

@@ -37,3 +37,8 @@ class PluginError(DiffplugError):
 
 class NonFiniteError(DiffplugError):
     """A denoiser produced NaN or Inf during sampling."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after a clean stop (a training run's consistent checkpoint): the
+    message says what was kept. Exit code 130, like any interrupt."""

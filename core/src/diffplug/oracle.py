@@ -28,6 +28,7 @@ class GaussianMixtureDenoiser(Denoiser):
     """Bayes-optimal denoiser of a Gaussian mixture (means, variances, weights as buffers)."""
 
     Config = GaussianMixtureConfig
+    batch_invariant = True  # per-sample float64 formulas: no batch-dependent kernels
 
     def __init__(self, config: GaussianMixtureConfig | None = None) -> None:
         super().__init__(config)

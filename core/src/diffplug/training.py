@@ -23,7 +23,9 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from diffplug.atomic import atomic_path, atomic_write
 from diffplug.checkpoint import CONDITIONER_PREFIX, identify, load_tensors, save_component
 from diffplug.components import Autoencoder, Conditioner, Denoiser
 from diffplug.data import Dataset
-from diffplug.errors import CheckpointError, UserError
+from diffplug.errors import CheckpointError, Interrupted, UserError
 from diffplug.method import Method
 from diffplug.options import option
 
@@ -250,6 +252,10 @@ class Trainer:
         state_dir = out / latest.read_text().strip()
         try:
             meta = json.loads((state_dir / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"--resume: cannot read {state_dir}: {exc}") from None
+        self._check_same_run(meta)
+        try:
             raw = load_tensors(state_dir / "raw.safetensors")
             own = {k: v for k, v in raw.items() if not k.startswith(CONDITIONER_PREFIX)}
             self.model.load_state_dict(own)
@@ -277,6 +283,25 @@ class Trainer:
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         self.step = int(meta["step"])
+
+    def _check_same_run(self, meta: dict[str, Any]) -> None:
+        """A resumed run must be the run it continues: the model's config and every option
+        that changes the steps are compared with the recorded ones (``--steps`` may grow:
+        the learning-rate schedule then spans the new length), naming what differs."""
+        changes = []
+        recorded, current = meta.get("model", {}), dataclasses.asdict(self.model.config)
+        changes += [f"model {k} {current[k]!r} (the run has {recorded[k]!r})"
+                    for k in current if k in recorded and recorded[k] != current[k]]  # fmt: skip
+        recorded, current = meta.get("train", {}), dataclasses.asdict(self.config)
+        free = {"steps", "checkpoint_every", "guidance"}  # none changes a step
+        changes += [f"--{k.replace('_', '-')} {current[k]!r} (the run has {recorded[k]!r})"
+                    for k in current if k not in free and k in recorded
+                    and recorded[k] != current[k]]  # fmt: skip
+        if changes:
+            raise UserError(
+                f"--resume would change the run: {'; '.join(changes[:4])}; resume with the "
+                "run's own options (or start a new run in another --out)"
+            )
 
 
 def check_conditioner(denoiser: Denoiser, conditioner: Conditioner | None) -> None:
@@ -328,6 +353,31 @@ class _Forward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.ddp(*args, **kwargs)
+
+
+class _Signals:
+    """While active, SIGINT and SIGTERM set ``caught`` instead of interrupting; a second one
+    interrupts at once (KeyboardInterrupt). Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.caught: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.caught is not None:
+            raise KeyboardInterrupt
+        self.caught = signum
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _contiguous(state: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -399,36 +449,48 @@ def train(
         dynamic_ncols=True,
     )
     start, images, pending = time.perf_counter(), 0, []
+    saved = trainer.step if resume else -1  # the step whose state is on disk
+    signals = _Signals()
     try:
-        end = min(config.steps, stop_after if stop_after is not None else config.steps)
-        while trainer.step < end:
-            pending.append(trainer.train_step())
-            images += config.batch_size * trainer.world
-            bar.update(1)
-            if len(pending) == 50 or trainer.step == end:  # one sync per 50 steps
-                values = torch.stack(pending).float().cpu().tolist()
-                losses.extend(values)
-                pending = []
-                rate = images / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
-                if on_step is not None:
-                    on_step(trainer.step, values[-1])
-            if trainer.step % config.checkpoint_every == 0 or trainer.step == end:
-                pause = time.perf_counter()
+        with signals:
+            end = min(config.steps, stop_after if stop_after is not None else config.steps)
+            while trainer.step < end:
+                # a signal only raises a flag: the step in flight finishes, so the state saved
+                # below is one consistent step (weights, EMA, optimizer and RNG together)
+                if distributed.any_rank(signals.caught is not None):
+                    raise KeyboardInterrupt
+                pending.append(trainer.train_step())
+                images += config.batch_size * trainer.world
+                bar.update(1)
+                if len(pending) == 50 or trainer.step == end:  # one sync per 50 steps
+                    values = torch.stack(pending).float().cpu().tolist()
+                    losses.extend(values)
+                    pending = []
+                    rate = images / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
+                    if on_step is not None:
+                        on_step(trainer.step, values[-1])
+                if trainer.step % config.checkpoint_every == 0 or trainer.step == end:
+                    pause = time.perf_counter()
+                    trainer.save(
+                        out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
+                    )
+                    saved = trainer.step
+                    start += time.perf_counter() - pause  # checkpoint time is not training time
+    except KeyboardInterrupt:
+        bar.close()
+        if signals.caught is None:  # a second signal, or Ctrl-C outside a step: no save
+            raise
+        if trainer.step > max(saved, 0):  # else the state on disk is already this step
+            with signals:  # a second Ctrl-C during the save aborts it; `latest` stays valid
                 trainer.save(
                     out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
                 )
-                start += time.perf_counter() - pause  # checkpoint time is not training time
-    except KeyboardInterrupt:
-        bar.close()
-        if trainer.step > 0 and trainer.world == 1:  # a 2nd Ctrl-C aborts; `latest` stays valid
-            trainer.save(out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra})
-            print(
-                f"diffplug: interrupted; checkpoint at step {trainer.step} in {out} "
-                "(continue with --resume)",
-                file=sys.stderr,
-            )
-        raise
+        raise Interrupted(
+            f"interrupted; checkpoint at step {trainer.step} in {out} (continue with --resume)"
+            if trainer.step > 0
+            else "interrupted before the first step; nothing was saved"
+        ) from None
     finally:
         bar.close()
     seconds = time.perf_counter() - start

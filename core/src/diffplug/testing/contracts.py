@@ -46,6 +46,7 @@ class _Dummy(Denoiser):
     """A cheap, deterministic, non-trivial eps-predictor: 0.5*x*(1 + t/T)."""
 
     Config = _DummyConfig
+    batch_invariant = True  # elementwise
 
     def __init__(self, config: _DummyConfig | None = None) -> None:
         super().__init__(config)
