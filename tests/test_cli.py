@@ -111,9 +111,9 @@ def test_run_without_model_uses_and_names_the_shipped_default(tmp_path):
 
 def test_third_party_plugin_runs_through_the_cli(tmp_path):
     out = tmp_path / "x.png"
-    result = run_cli("run", "--sampler", "dpmpp-2m", *FAST, "-o", str(out))
+    result = run_cli("run", "--sampler", "example-dpmpp-2m", *FAST, "-o", str(out))
     assert result.code == 0, result.err
-    assert read_recipe(out)["sampler"]["name"] == "dpmpp-2m"
+    assert read_recipe(out)["sampler"]["name"] == "example-dpmpp-2m"
 
 
 # -- bad input: exit 2, one clear line, no traceback, nothing written ----------------------

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+#: torchrun's processes and training subprocesses: one xdist worker runs them in turn, so
+#: they never share the two cores with each other
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
 @pytest.mark.slow

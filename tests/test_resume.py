@@ -19,6 +19,9 @@ from cliutil import assert_clean_error, run_cli
 from safetensors.torch import load_file
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+#: torchrun's processes and training subprocesses: one xdist worker runs them in turn, so
+#: they never share the two cores with each other
+pytestmark = pytest.mark.xdist_group("torchrun")
 TRAIN = ["train", "--method", "ddpm", "--steps", "400", "--batch-size", "8", "--width", "8",
          "--heads", "2", "--checkpoint-every", "100000", "--seed", "3"]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -136,7 +136,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raw = fh.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nesting bombs too
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not an object)")
@@ -199,7 +199,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             "config": config,
             "extra": json.loads(meta.get("diffplug.extra", "{}")),
         }
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: incomplete diffplug metadata ({exc})") from None
 
 

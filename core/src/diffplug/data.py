@@ -90,8 +90,8 @@ def image_folder(path: str | os.PathLike[str], size: int, channels: int = 1) -> 
                 im = im.crop((left, top, left + side, top + side))
                 im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
                 tensor = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError, ValueError):
-            skipped += 1
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            skipped += 1  # one oversized image (PIL's bomb guard) is skipped like a bad one
             continue
         images.append(tensor.view(size, size, channels).permute(2, 0, 1).float() / 127.5 - 1)
     if skipped:

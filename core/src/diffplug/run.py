@@ -348,6 +348,11 @@ class Run:
             raise UserError(f"--prompt: model {label} is not text-conditional")
         if images is not None and kind != "image":
             raise UserError(f"--condition-images: model {label} is not image-conditional")
+        for p in prompts or []:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8, escaped by the shell
+                raise UserError(f"prompt {p!r} is not valid UTF-8 text") from None
         if kind == "text":
             if not prompts:
                 raise UserError(
@@ -694,6 +699,7 @@ def _prompts(prompt: str | Sequence[str] | None) -> list[str] | None:
     for p in prompts:
         if not isinstance(p, str):
             raise UserError(f"prompts must be text; got {type(p).__name__}")
+
     return prompts or None
 
 

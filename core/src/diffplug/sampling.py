@@ -223,7 +223,8 @@ def prepare(
     if conditioner is not None and conditioner.kind is not None:
         _preflight(denoiser, conditioner, times[0], device, dtype)
     if chunk is None:  # on by default where it is cheap (the CPU) and needed (a network)
-        chunk = DEFAULT_CHUNK if device.type == "cpu" and not denoiser.batch_invariant else 0
+        exact = getattr(denoiser, "batch_invariant", False)
+        chunk = DEFAULT_CHUNK if device.type == "cpu" and not exact else 0
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise UserError(f"chunk must be a whole number of rows (0: off); got {chunk!r}")
     return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,

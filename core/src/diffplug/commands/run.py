@@ -252,7 +252,16 @@ def _refuse_overwriting_inputs(output: Path, run: Any, kw: dict[str, Any]) -> No
             )
 
 
+#: samples one run draws at most (a list of a billion seeds alone is 36 GB)
+MAX_SAMPLES = 1_000_000
+
+
 def _seeds(seed: int, n: int) -> list[int]:
+    if n > MAX_SAMPLES:
+        raise UserError(
+            f"--num-samples {n}: at most {MAX_SAMPLES} per run; draw more in several runs "
+            "with --seed (sample k of --seed S is the same in any run)"
+        )
     if seed < 0 or seed + n > 2**64:
         raise UserError(f"--seed: seeds {seed} .. {seed + n - 1} must lie in 0 .. 2^64-1")
     return list(range(seed, seed + n))

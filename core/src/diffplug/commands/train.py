@@ -24,7 +24,9 @@ from diffplug.errors import OptionError, UserError
 )
 @click.option("--method", required=True, help="training method (`diffplug list methods`)")
 @click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
-@click.option("--size", type=click.IntRange(min=4), default=8, show_default=True, help="pixels")
+@click.option(
+    "--size", type=click.IntRange(min=4, max=4096), default=8, show_default=True, help="pixels"
+)
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True)
 @click.option(
     "--denoiser",
@@ -69,7 +71,23 @@ def train(ctx: click.Context, **kw: Any) -> None:
         raise UserError(f"--resume: {out} has no checkpoint to resume from")
     if kw["resume"] and kw["overwrite"]:
         raise UserError("--resume and --overwrite contradict each other")
+    _check_out(out)
     _train(out, extras, **kw)
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a directory we can write, checked before any step (not when the first
+    checkpoint is due, which loses the run); stale temp folders of a killed run go."""
+    import os
+    import shutil
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+    for stale in out.glob(".tmp-state-*") if out.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _no_default_model(registry: Any, method: str, kind: str) -> str:

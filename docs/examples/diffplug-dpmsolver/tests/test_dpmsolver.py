@@ -12,7 +12,7 @@ from diffplug.testing import (
 
 def make():
     registry = fresh_registry(plugin)
-    return registry.load("scheduler", "dpmpp-2m")()
+    return registry.load("scheduler", "example-dpmpp-2m")()
 
 
 def test_contract():

@@ -77,6 +77,13 @@ class T5Conditioner(Conditioner):
             if not isinstance(prompt, str):
                 raise UserError(f"t5 conditioner: prompt {k} must be a string or None")
         device = next(self.encoder.parameters()).device
+        for k, prompt in enumerate(prompts):  # never cut a prompt silently
+            length = len(self.tokenizer(prompt)["input_ids"])
+            if length > self.config.max_tokens:
+                raise UserError(
+                    f"t5 conditioner: prompt {k} is {length} tokens, more than --max-tokens "
+                    f"{self.config.max_tokens}: shorten it or raise --max-tokens"
+                )
         batch = self.tokenizer(prompts, padding="max_length", truncation=True,
                                max_length=self.config.max_tokens, return_tensors="pt")  # fmt: skip
         ids = batch["input_ids"].to(device)

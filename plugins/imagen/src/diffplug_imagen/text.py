@@ -42,7 +42,7 @@ def normalise(prompt: str) -> str:
 
 @dataclass
 class TextConfig:
-    max_tokens: int = option(24, "prompt length in bytes; longer prompts are cut", min=1)
+    max_tokens: int = option(24, "prompt length in bytes; a longer prompt is refused", min=1)
     dim: int = option(64, "embedding width (the denoiser's --text-dim must match)", min=8)
     layers: int = option(2, "transformer layers", min=1)
     heads: int = option(4, "attention heads (must divide --dim)", min=1)
@@ -71,8 +71,10 @@ class TextConditioner(Conditioner):
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def tokenize(self, prompts: Sequence[str | None]) -> torch.Tensor:
-        """(B, 1 + max_tokens) ids: the summary token, the prompt's bytes + 1, padding."""
+    def tokenize(self, prompts: Sequence[str | None], strict: bool = False) -> torch.Tensor:
+        """(B, 1 + max_tokens) ids: the summary token, the prompt's bytes + 1, padding. A
+        longer prompt is cut (training phrasings) or, ``strict`` (sampling), refused: a cut
+        prompt would draw another prompt's image while the recipe records the whole one."""
         n = self.config.max_tokens
         ids = torch.full((len(prompts), n + 1), PAD, dtype=torch.long)
         ids[:, 0] = SUMMARY
@@ -84,14 +86,24 @@ class TextConditioner(Conditioner):
                     f"text conditioner: prompt {k} must be a string or None; got "
                     f"{type(prompt).__name__}"
                 )
-            data = normalise(prompt).encode("utf-8")[:n]
+            data = normalise(prompt).encode("utf-8", errors="replace")
+            if strict and len(data) > n:
+                raise UserError(
+                    f"text conditioner: prompt {k} is {len(data)} bytes, but this model's "
+                    f"encoder reads at most {n}: shorten it ({prompt[:40]!r}...)"
+                )
+            data = data[:n]
             if data:
                 ids[k, 1 : 1 + len(data)] = torch.tensor(list(data)) + 1
         return ids
 
     def forward(self, inputs: Sequence[Any]) -> Cond:
+        return self.encode(self.tokenize(inputs, strict=True))
+
+    def encode(self, ids: torch.Tensor) -> Cond:
+        """The conditioning of token ids (``tokenize``)."""
         device = self.positions.device
-        ids = self.tokenize(inputs).to(device)
+        ids = ids.to(device)
         mask = ids != PAD
         h = self.tokens(ids) + self.positions[: ids.shape[1]]
         h = self.norm(self.encoder(h, src_key_padding_mask=~mask))
@@ -102,7 +114,7 @@ class TextConditioner(Conditioner):
     ) -> Cond:
         """Each image's label in a phrasing drawn from ``generator`` ("7", "a handwritten
         seven", ...)."""
-        return self.forward(digit_prompts(labels, generator, "text"))
+        return self.encode(self.tokenize(digit_prompts(labels, generator, "text")))
 
 
 def digit_prompts(labels: torch.Tensor | None, generator: torch.Generator, owner: str) -> list[str]:

@@ -5,4 +5,5 @@ from diffplug import Register, hookimpl
 
 @hookimpl
 def register_schedulers(register: Register) -> None:
-    register("dpmpp-2m", "diffplug_dpmsolver.sampler:DPMSolver2M", "DPM-Solver++(2M), 2nd order")
+    register("example-dpmpp-2m", "diffplug_dpmsolver.sampler:DPMSolver2M",
+             "DPM-Solver++(2M), the plugin guide's worked example")  # fmt: skip

@@ -68,7 +68,7 @@ class DPMSolver2M(Scheduler):
 
     def plan(self, process: Process, steps: int) -> Plan:
         if not isinstance(process, VP):
-            raise UserError("dpmpp-2m needs a discrete VP process")
+            raise UserError("example-dpmpp-2m needs a discrete VP process")
         ts, here, nxt = transitions(process, steps, self.config.spacing)
         alpha = [math.sqrt(x) for x in here]
         sigma = [math.sqrt(1 - x) for x in here]

@@ -1,0 +1,1 @@
+"""k-diffusion's sampler family as diffplug samplers."""
