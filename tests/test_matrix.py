@@ -31,6 +31,7 @@ def _cells():
         keep.append((sampler, model, mode))
     return keep
 
+
 #: FD / floor bound per model at N samples and STEPS steps; the oracle is a Gaussian mixture
 #: at the class means, not digits, so its bound only says that sampling found the mixture.
 BOUND = {"gmm-digits": 6.0}  # measured 2.7-3.0 at 100 samples
