@@ -93,7 +93,7 @@ def stages(tmp_path_factory):
     data8, data16, data32 = (digits("train", s) for s in (8, 16, 32))
     quick = TrainConfig(batch_size=4, steps=2, warmup=1)
     torch.manual_seed(0)
-    text = TextConditioner(TextConfig(dim=32, max_tokens=16))
+    text = TextConditioner(TextConfig(dim=32, max_tokens=24))  # reads the prompts whole
     text.name = "text"
     train(EfficientUNet(EfficientUNetConfig(size=8, width=16, text_dim=32)), DDPMMethod(),
           data8, quick, root / "base", progress=False, conditioner=text)  # fmt: skip

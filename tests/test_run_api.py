@@ -203,20 +203,22 @@ def test_one_run_resolves_everything_once(monkeypatch, tmp_path, model, sampler)
         assert counts.calls["fingerprint"] == 0
 
 
-def test_the_guided_call_builds_its_fixed_parts_once_per_batch():
-    """Times, conditions and the doubled input buffer are made once per batch: every step's
-    call sees the same condition tensors and writes x into the same buffer."""
-    run = diffplug.load(sampler="ddim", model="imagen-digits-base", steps=4, guidance=3.0)
+@pytest.mark.parametrize("chunk, rows", [(0, 6), (16, 16)])
+def test_the_guided_call_builds_its_fixed_parts_once_per_batch(chunk, rows):
+    """Times, conditions and the input buffer (x twice, padded to the chunk) are made once
+    per batch: every step's call sees the same condition tensors and the same buffer."""
+    run = diffplug.load(sampler="ddim", model="imagen-digits-base", steps=4, guidance=3.0,
+                        chunk=chunk)  # fmt: skip
     seen = []
     real = run.denoiser.forward
 
     def spy(x, t, cond=None):
-        seen.append((x.data_ptr(), {k: v.data_ptr() for k, v in cond.items()}, t.shape))
+        seen.append((x.data_ptr(), {k: v.data_ptr() for k, v in cond.items()}, x.shape[0]))
         return real(x, t, cond)
 
     run.denoiser.forward = spy
     run.sample(seeds=[0, 1, 2], prompt="seven", batch_size=3, progress=False)
-    steps = [s for s in seen if s[2] == (6,)]
+    steps = [s for s in seen if s[2] == rows]  # the preflight call has one row
     assert len(steps) == 4
     assert len({s[0] for s in steps}) == 1  # one buffer for x twice
     assert len({json.dumps(s[1]) for s in steps}) == 1  # one concatenated condition

@@ -277,21 +277,24 @@ def measured_order(name, options, steps, reference=2000):
     return math.log(errors[0] / errors[-1]) / math.log(steps[-1] / steps[0]), errors
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "options", "steps"), ODE,
-                         ids=[f"{n}-{o}" for n, o, _ in ODE])  # fmt: skip
-def test_convergence_order(name, options, steps):
-    order, errors = measured_order(name, options, steps)
-    expected = make(name).order
-    assert abs(order - expected) <= 0.3, (order, errors)
-
-
 #: check_sampler measures against the exact ODE solution to the last level followed by the
 #: final denoising step. LMS's last step integrates its slope polynomial down to 0 instead (as
 #: k-diffusion's does), which lands O(s_min^2) away from that target whatever the step count;
 #: DPM++(3M)'s two lower-order starting steps make its error against the exact solution fall
 #: at order ~1.8 from 80 to 320 steps (its 3.0 above is against its own 2000-step run).
 CHECK_SAMPLER_EXCLUDED = {"lms", "dpmpp-3m-sde"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options", "steps"),
+                         [c for c in ODE if c[0] in CHECK_SAMPLER_EXCLUDED],
+                         ids=[f"{n}-{o}" for n, o, _ in ODE if n in CHECK_SAMPLER_EXCLUDED])  # fmt: skip
+def test_convergence_order(name, options, steps):
+    """Against the sampler's own 2000-step run, for the two check_sampler cannot judge (it
+    measures every other configuration's order against the exact ODE solution)."""
+    order, errors = measured_order(name, options, steps)
+    expected = make(name).order
+    assert abs(order - expected) <= 0.3, (order, errors)
 
 
 @pytest.mark.slow
@@ -344,11 +347,15 @@ def test_churn_at_the_first_step_starts_at_the_churned_level():
     assert plan.d == [1.0, 1.0, 1.0, 0.0]  # steps 1..3 churn, drawn after the step before
 
 
-def test_the_shared_name_is_ambiguous_and_the_qualified_one_runs(tmp_path):
+def test_the_bare_name_is_this_plugins_and_the_qualified_one_runs(tmp_path):
+    """The guide's example registers example-dpmpp-2m, so dpmpp-2m is this plugin's."""
     out = tmp_path / "x.safetensors"
     fast = ("--model", "gmm-digits", "--steps", "5", "--num-samples", "2", "--quiet")
     bare = run_cli("run", "--sampler", "dpmpp-2m", *fast, "-o", str(out))
-    if bare.code != 0:  # with the docs' example plugin installed too
-        assert "diffplug-ksamplers:dpmpp-2m" in bare.err
-    ours = run_cli("run", "--sampler", "diffplug-ksamplers:dpmpp-2m", *fast, "-o", str(out))
+    assert bare.code == 0, bare.err
+    from diffplug import read_recipe
+
+    assert read_recipe(out)["sampler"]["plugin"] == "diffplug-ksamplers"
+    ours = run_cli("run", "--sampler", "diffplug-ksamplers:dpmpp-2m", *fast, "-o", str(out),
+                   "--overwrite")  # fmt: skip
     assert ours.code == 0, ours.err
