@@ -1,6 +1,6 @@
 """Sample k of seed s is bitwise the same at any batch size and thread count, on every
 shipped model through the real path (``diffplug.load`` and the CLI): the loop calls the
-denoiser, the conditioner and the decoder on fixed chunks of 16 rows on the CPU, because
+denoiser, the conditioner and the decoder on fixed chunks of 64 rows on the CPU, because
 CPU kernels choose their algorithm by batch size (the shipped UNets differed by up to 1e-5
 between batch 1 and 64 before)."""
 
@@ -93,4 +93,4 @@ def test_chunks_are_on_for_networks_on_the_cpu_and_off_for_exact_formulas():
     ddim = diffplug.default_registry().load("scheduler", "ddim")
     assert prepare(circle_mixture(), ddim(), steps=2).chunk == 0  # batch-invariant by formula
     run = diffplug.load(model="ddpm-digits", sampler="ddim", steps=2)
-    assert run.loop.chunk == 16
+    assert run.loop.chunk == 64

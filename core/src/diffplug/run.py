@@ -74,7 +74,7 @@ def load(
     ``.safetensors`` that ``Samples.save`` wrote) re-runs what made those samples; anything
     installed that differs from it (a plugin version, a weights file) is refused unless
     ``allow_different``, which warns instead. ``chunk`` is the number of rows per denoiser
-    call (default 16 on the CPU: sample k is then bitwise the same at any batch size and
+    call (default 64 on the CPU: sample k is then bitwise the same at any batch size and
     thread count; 0 calls on whole batches, the default on GPUs).
     """
     registry = registry or default_registry()
@@ -175,7 +175,8 @@ class Run:
         if rest and not self._conditioner_chosen:
             if self.conditioner is None:
                 if strict_options:  # no conditioner to take them: the sampler names them
-                    build_config(sampler_cls.Config, options, owner=f"sampler {sampler!r}")
+                    left = {k: v for k, v in options.items() if k in own or k in rest}
+                    build_config(sampler_cls.Config, left, owner=f"sampler {sampler!r}")
             else:
                 configure(self.conditioner, rest, strict=strict_options)
         self._autoencoder_path: str | None = None

@@ -68,7 +68,7 @@ from diffplug.errors import UserError
     type=click.IntRange(min=0),
     default=None,
     help="rows per denoiser call, the last padded: sample k is then bitwise the same at any "
-    "--batch-size and thread count (0: whole batches)  [default: 16 on the CPU, 0 on GPUs]",
+    "--batch-size and thread count (0: whole batches)  [default: 64 on the CPU, 0 on GPUs]",
 )
 @click.option(
     "--device",
