@@ -301,13 +301,7 @@ class Run:
         whatever ``batch_size``. ``prompt`` (one for all, or a list, cycled) for a text model;
         ``images`` (a folder, a samples ``.safetensors``, or tensors in [-1, 1]) for an
         image-conditional one. ``n`` defaults to one per prompt, else one per seed, else 1."""
-        prompts = _prompts(prompt if prompt is not None else self.defaults.get("prompts"))
-        if seeds is None and n is None and "seeds" in self.defaults and prompt is None:
-            seeds = self.defaults["seeds"]
-        if seeds is None:
-            n = n if n is not None else (len(prompts) if prompts and len(prompts) > 1 else 1)
-            seeds = range(seed, seed + _count(n))
-        seeds = [_seed(s) for s in seeds]
+        seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
         if images is None:
             images = self.defaults.get("condition_images")
         conditions = self.conditions(len(seeds), prompts, images)
@@ -503,13 +497,7 @@ class PipelineRun:
         progress: bool = True,
     ) -> Samples:
         """The final stage's images; ``Samples.stages`` holds every stage's, base first."""
-        prompts = _prompts(prompt if prompt is not None else self.defaults.get("prompts"))
-        if seeds is None and n is None and "seeds" in self.defaults and prompt is None:
-            seeds = self.defaults["seeds"]
-        if seeds is None:
-            n = n if n is not None else (len(prompts) if prompts and len(prompts) > 1 else 1)
-            seeds = range(seed, seed + _count(n))
-        seeds = [_seed(s) for s in seeds]
+        seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
         cycled = [prompts[k % len(prompts)] for k in range(len(seeds))] if prompts else None
         stages = self.pipeline.run(prompts=cycled, seeds=seeds, batch_size=batch_size or 64,
                                    device=self.device, progress=progress)  # fmt: skip
@@ -691,6 +679,24 @@ def _condition_shape(denoiser: Denoiser) -> dict[str, Any]:
     chosen in place of its own: it takes those named like its own options."""
     config = dataclasses.asdict(denoiser.config)
     return {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _seeds_and_prompts(
+    defaults: dict[str, Any],
+    n: int | None,
+    seed: int,
+    seeds: Sequence[int] | None,
+    prompt: str | Sequence[str] | None,
+) -> tuple[list[int], list[str] | None]:
+    """What one ``sample`` call draws: the given seeds, or ``n`` from ``seed`` (default one per
+    prompt, else 1), or a replay's recorded seeds and prompts when nothing is given."""
+    prompts = _prompts(prompt if prompt is not None else defaults.get("prompts"))
+    if seeds is None and n is None and "seeds" in defaults and prompt is None:
+        seeds = defaults["seeds"]
+    if seeds is None:
+        n = n if n is not None else (len(prompts) if prompts and len(prompts) > 1 else 1)
+        seeds = range(seed, seed + _count(n))
+    return [_seed(s) for s in seeds], prompts
 
 
 def _prompts(prompt: str | Sequence[str] | None) -> list[str] | None:
