@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -393,12 +394,11 @@ class _DPM2AncestralStepper(_TwoStageStepper):
         return a.add(x, i, z)
 
 
-class DPM2Ancestral(_AncestralSampler):
-    """DPM2 steps down to sigma_down, then noise (k-diffusion's ``sample_dpm_2_ancestral``)."""
+class _MidpointAncestral(_AncestralSampler):
+    """An ancestral sampler with a second call at each step's midpoint toward sigma_down;
+    subclasses name their stepper and say which calls are followed by noise."""
 
-    order = 2.0
-    evaluations_per_step = 2
-    default_steps = 25
+    steps_with: Any = None  # the stepper class
 
     def _mid(self, levels: list[float]) -> list[float | None]:
         return _ancestral_mid(levels, self.ancestral(levels))
@@ -408,16 +408,24 @@ class DPM2Ancestral(_AncestralSampler):
         calls = _two_call_steps(levels, mid)
         return _call_levels(calls, levels, mid)
 
+    def stepper(self, levels: list[float]) -> Any:
+        mid = self._mid(levels)
+        return self.steps_with(_two_call_steps(levels, mid), anc=self.ancestral(levels), mid=mid)
+
+
+class DPM2Ancestral(_MidpointAncestral):
+    """DPM2 steps down to sigma_down, then noise (k-diffusion's ``sample_dpm_2_ancestral``)."""
+
+    steps_with = _DPM2AncestralStepper
+    order = 2.0
+    evaluations_per_step = 2
+    default_steps = 25
+
     def noise(self, levels: list[float]) -> list[bool]:
         # the noise follows the midpoint call; a step without one adds none
         a, mid = self.ancestral(levels), self._mid(levels)
         calls = _two_call_steps(levels, mid)
         return [stage == 1 and a.up[i] > 0 for i, stage in calls]
-
-    def stepper(self, levels: list[float]) -> _DPM2AncestralStepper:
-        mid = self._mid(levels)
-        calls = _two_call_steps(levels, mid)
-        return _DPM2AncestralStepper(calls, anc=self.ancestral(levels), mid=mid)
 
 
 @dataclass
@@ -443,31 +451,19 @@ class _DPMpp2SAncestralStepper(_TwoStageStepper):
         return a.add(x, i, z)
 
 
-class DPMpp2SAncestral(_AncestralSampler):
+class DPMpp2SAncestral(_MidpointAncestral):
     """DPM-Solver++(2S) single-step steps down to sigma_down, then noise (Lu et al. 2022;
     k-diffusion's ``sample_dpmpp_2s_ancestral``)."""
 
+    steps_with = _DPMpp2SAncestralStepper
     order = 2.0
     evaluations_per_step = 2
     default_steps = 25
-
-    def _mid(self, levels: list[float]) -> list[float | None]:
-        return _ancestral_mid(levels, self.ancestral(levels))
-
-    def evaluations(self, levels: list[float]) -> list[float]:
-        mid = self._mid(levels)
-        calls = _two_call_steps(levels, mid)
-        return _call_levels(calls, levels, mid)
 
     def noise(self, levels: list[float]) -> list[bool]:
         a, mid = self.ancestral(levels), self._mid(levels)
         calls = _two_call_steps(levels, mid)
         return [_last_of_step(calls, k) and a.noisy(i) for k, (i, _) in enumerate(calls)]
-
-    def stepper(self, levels: list[float]) -> _DPMpp2SAncestralStepper:
-        mid = self._mid(levels)
-        calls = _two_call_steps(levels, mid)
-        return _DPMpp2SAncestralStepper(calls, anc=self.ancestral(levels), mid=mid)
 
 
 # -- linear multistep -----------------------------------------------------------------------
