@@ -126,3 +126,26 @@ def test_the_reference_is_independent_and_exact():
     assert float((ref - finer).abs().max()) < 1e-8
     x = diffplug.sample(oracle, ddim, steps=1000, seeds=seeds, dtype=torch.float64)
     assert float((x - ref).flatten(1).norm(dim=1).mean()) < 5e-3
+
+
+def test_check_scheduler_still_rejects_times_that_increase_or_never_move():
+    """Repeated times are allowed (a two-call step); rising or frozen ones are not."""
+    import dataclasses
+
+    ddim = diffplug.default_registry().load("scheduler", "ddim")
+
+    class Rising(ddim):
+        def plan(self, process, steps):
+            plan = super().plan(process, steps)
+            return dataclasses.replace(plan, t=plan.t.flip(0))
+
+    class Frozen(ddim):
+        def plan(self, process, steps):
+            plan = super().plan(process, steps)
+            return dataclasses.replace(plan, t=torch.full_like(plan.t, float(plan.t[0])))
+
+    with pytest.raises(AssertionError, match="times increase"):
+        check_scheduler(Rising())
+    with pytest.raises(AssertionError, match="never moves"):
+        check_scheduler(Frozen())
+    check_scheduler(heun())  # repeats its levels: accepted
