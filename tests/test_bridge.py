@@ -25,7 +25,7 @@ from diffplug.vp import VP, VPConfig
 from diffplug_adm.process import Decoupled
 from diffplug_adm.scheduler import ADM
 from diffplug_ddim.scheduler import DDIM
-from diffplug_dpmsolver.sampler import DPMSolver2M
+from diffplug_ksamplers.samplers import DPMpp2M
 
 F64 = torch.float64
 VP_LINEAR = {"name": "vp"}
@@ -55,7 +55,7 @@ def _x0_eps_bridged(plan, view, oracle, x, i):
         (VP_LINEAR, DECOUPLED, ADM()),
         (VP_LINEAR, DECOUPLED, ADM.from_options(deterministic=True)),
         (DECOUPLED, VP_LINEAR, DDIM.from_options(spacing="trailing")),
-        (DECOUPLED, VP_LINEAR, DPMSolver2M()),
+        (DECOUPLED, VP_LINEAR, DPMpp2M()),
         ({"name": "vp", "beta_schedule": "squaredcos_cap_v2"}, VP_LINEAR, DDIM()),
     ],
     ids=[
@@ -80,7 +80,10 @@ def test_the_bridged_oracle_is_the_oracle_of_the_other_process(source, target, s
         if not low + 1e-3 * (high - low) < float(view.t[i]) < high - 1e-3 * (high - low):
             continue  # at or beyond the ends of the model's SNR range: clamped (next test)
         x0, eps = _x0_eps_bridged(plan, view, inner, x, i)
-        want = direct(x, plan.t[i].expand(6))
+        # x in the plan's terms is the point (alpha_q/a)*x of Q at plan.t[i]: x itself for a
+        # plan in Q's own terms (DDIM), alpha_q*x for a level plan (x = x0 + s*eps)
+        alpha_q = float(direct.process.alpha_sigma(plan.t[i : i + 1].to(F64))[0][0])
+        want = direct(x * (alpha_q / a), plan.t[i].expand(6))
         torch.testing.assert_close(x0, want, rtol=0, atol=1e-10)
         torch.testing.assert_close(eps, (x - a * want) / s, rtol=0, atol=1e-8)
         checked += 1
@@ -151,7 +154,7 @@ def test_planning_process_bridges_only_when_needed():
     [
         (DECOUPLED, DDIM()),
         (DECOUPLED, DDIM.from_options(eta=1.0)),
-        (DECOUPLED, DPMSolver2M()),
+        (DECOUPLED, DPMpp2M()),
         (VP_LINEAR, ADM()),
     ],
     ids=["ddim-on-decoupled", "ddim-eta1-on-decoupled", "dpmpp-2m-on-decoupled", "adm-on-vp"],

@@ -22,7 +22,7 @@ from diffplug.registry import Entry, Registry, default_registry
 from diffplug.testing import fresh_registry
 
 CORE = Path(__file__).resolve().parents[1] / "core" / "src" / "diffplug"
-FIRST_PARTY = ("ddpm", "ddim", "adm", "imagen", "noise-aug", "vae", "diffusers", "dpmsolver")
+FIRST_PARTY = ("ddpm", "ddim", "adm", "imagen", "noise-aug", "vae", "diffusers", "heun")
 #: every spelling of a first-party distribution: ``diffplug-noise-aug``, ``diffplug_noise_aug``
 PLUGIN_NAMES = re.compile(
     r"diffplug[-_](?:" + "|".join(n.replace("-", "[-_]") for n in FIRST_PARTY) + r")\b"

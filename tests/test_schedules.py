@@ -1,10 +1,18 @@
-"""Schedules: each one's levels against an independent closed form (or diffusers' own
-tables), their invariants on every process, and ``--schedule`` on the samplers that walk noise
-levels (and its refusal on those that do not), before any step."""
+"""Schedules: each one's levels against its reference: k-diffusion's own functions (karras,
+exponential, polyexponential, called from k_diffusion/sampling.py in float64), ComfyUI's
+formulas written out here as closed forms (comfy/samplers.py: normal_scheduler,
+simple_scheduler, ddim_scheduler, beta_scheduler, linear_quadratic_schedule,
+kl_optimal_scheduler), diffusers' Euler tables; their invariants on every process, and
+``--schedule`` on the samplers that walk noise levels (and its refusal on those that do not),
+before any step. (tests/test_sampler_schedule_pairs.py runs every sampler x schedule.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,9 +70,17 @@ def comfy_sigma(levels, index):
     return np.exp((1 - w) * np.log(levels[low]) + w * np.log(levels[high]))
 
 
-def closed_form(name, levels, n, **opt):
-    """Each schedule written out independently (k-diffusion's and ComfyUI's formulas)."""
-    lo, hi = levels[0], levels[-1]
+def comfy_timestep(levels, level):
+    """ComfyUI's ModelSamplingDiscrete.timestep: the index of the nearest log level."""
+    return float(np.abs(np.log(levels) - np.log(level)).argmin())
+
+
+def closed_form(name, levels, n, lo=None, hi=None, **opt):
+    """Each schedule written out independently (k-diffusion's and ComfyUI's formulas), on
+    the table ``levels`` (ComfyUI's model_sampling.sigmas) and the range [lo, hi] (its
+    sigma_min, sigma_max: the table's ends unless given)."""
+    lo = levels[0] if lo is None else lo
+    hi = levels[-1] if hi is None else hi
     T = len(levels)
     if name == "karras":
         rho = opt.get("rho", 7.0)
@@ -75,26 +91,30 @@ def closed_form(name, levels, n, **opt):
     elif name == "polyexponential":
         rho = opt.get("rho", 1.0)
         out = np.exp(np.linspace(1, 0, n) ** rho * (np.log(hi) - np.log(lo)) + np.log(lo))
-    elif name == "kl-optimal":
+    elif name == "kl-optimal":  # kl_optimal_scheduler(n, sigma_min, sigma_max)
         w = np.arange(n) / (n - 1)
         out = np.tan(w * np.arctan(lo) + (1 - w) * np.arctan(hi))
-    elif name == "sgm-uniform":
-        out = comfy_sigma(levels, np.linspace(T - 1, 0, n + 1)[:-1])
-    elif name == "normal-uniform":
-        out = comfy_sigma(levels, np.linspace(T - 1, 0, n))
+    elif name == "sgm-uniform":  # normal_scheduler(sgm=True)
+        start, end = comfy_timestep(levels, hi), comfy_timestep(levels, lo)
+        out = comfy_sigma(levels, np.linspace(start, end, n + 1)[:-1])
+    elif name == "normal-uniform":  # normal_scheduler(sgm=False); sigma(end) is never ~0 here
+        start, end = comfy_timestep(levels, hi), comfy_timestep(levels, lo)
+        out = comfy_sigma(levels, np.linspace(start, end, n))
     elif name == "simple":
         out = np.array([levels[-(1 + int(x * T / n))] for x in range(n)])
-    elif name == "ddim-uniform":
+    elif name == "ddim-uniform":  # ddim_scheduler; sigmas[1] is never ~0 here
         out = levels[np.arange(1, T, max(T // n, 1))][::-1]
     elif name == "beta":
         from scipy.special import betaincinv  # the inverse CDF, not scipy.stats' ppf
 
-        q = 1 - np.arange(n) / n
+        q = 1 - np.arange(n) / n  # 1 - linspace(0, 1, n, endpoint=False)
         ts = np.rint(betaincinv(opt.get("alpha", 0.6), opt.get("beta", 0.6), q) * (T - 1))
         keep = np.concatenate([[True], ts[1:] != ts[:-1]])
         out = levels[ts[keep].astype(int)]
     elif name == "linear-quadratic":
-        noise, lin = 0.025, n // 2
+        if n == 1:
+            return np.array([hi, 0.0])
+        noise, lin = opt.get("threshold_noise", 0.025), opt.get("linear_steps", n // 2)
         i = np.arange(n)
         quad = n - lin
         a = (lin - noise * n) / (lin * quad**2)
@@ -121,6 +141,8 @@ def closed_form(name, levels, n, **opt):
         ("beta", {}),
         ("beta", {"alpha": 0.3, "beta": 0.9}),
         ("linear-quadratic", {}),
+        ("linear-quadratic", {"threshold_noise": 0.1}),
+        ("linear-quadratic", {"linear_steps": 1}),
     ],
 )
 @pytest.mark.parametrize("steps", [2, 7, 10, 30])
@@ -129,7 +151,99 @@ def test_each_schedule_is_its_closed_form(process, name, options, steps):
     got = schedule(name, **options).levels(process, steps).numpy()
     want = closed_form(name, levels, steps, **options)
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("process", PROCESSES.values(), ids=PROCESSES.keys())
+@pytest.mark.parametrize("name", ["kl-optimal", "sgm-uniform", "linear-quadratic", "karras"])
+@pytest.mark.parametrize("steps", [1, 3, 12])
+def test_the_range_schedules_follow_sigma_min_and_sigma_max(process, name, steps):
+    """--sigma-min/--sigma-max stand for ComfyUI's model_sampling.sigma_min/sigma_max."""
+    levels = table_np(process)
+    got = schedule(name).levels(process, steps, 0.05, 20.0).numpy()
+    if name == "kl-optimal" and steps == 1:  # ComfyUI's divides by n - 1 = 0 (NaN); ours:
+        want = np.array([20.0, 0.0])  # the top, as every schedule's first level
+    else:
+        want = closed_form(name, levels, steps, lo=0.05, hi=20.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def load_kdiffusion_sampling() -> types.ModuleType:
+    """k_diffusion/sampling.py (with its sibling utils.py), without the package's
+    ``__init__``, which imports a training stack that is not installed."""
+    name = "_kdiffusion_schedules_reference"
+    if f"{name}.sampling" in sys.modules:
+        return sys.modules[f"{name}.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or spec.origin is None:
+        pytest.skip("k-diffusion is not installed (a dev dependency)")
+    root = Path(spec.origin).parent
+    package = types.ModuleType(name)
+    package.__path__ = [str(root)]
+    sys.modules[name] = package
+    for sub in ("utils", "sampling"):
+        sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", root / f"{sub}.py")
+        module = importlib.util.module_from_spec(sub_spec)
+        sys.modules[f"{name}.{sub}"] = module
+        sub_spec.loader.exec_module(module)
+        setattr(package, sub, module)
+    return sys.modules[f"{name}.sampling"]
+
+
+def kdiffusion_float64(function, *args, **kwargs):
+    """k-diffusion's function with float64 as torch's default dtype (its linspace)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+KD_STEPS = [1, 2, 3, 7, 10, 25, 100, 1000]
+KD_RANGES = {
+    "edm": (0.002, 80.0),
+    "sd": (0.0292, 14.6146),
+    "narrow": (0.1, 1.0),
+    "wide": (1e-4, 1e3),
+}
+KD_RHOS = [0.5, 1.0, 3.0, 7.0, 10.0]
+
+
+@pytest.mark.parametrize("name", ["karras", "exponential", "polyexponential"])
+def test_karras_exponential_polyexponential_are_k_diffusions_own_functions(name):
+    """get_sigmas_karras / get_sigmas_exponential / get_sigmas_polyexponential (k-diffusion
+    0.1.1.post1) in float64, for every step count, range and rho here, on explicit ranges
+    and on each process's own: within 1e-12 relative (measured: bitwise equal, max 0)."""
+    kd = load_kdiffusion_sampling()
+    ranges = dict(KD_RANGES)
+    for key, process in PROCESSES.items():  # the process's own ends, computed independently
+        levels = table_np(process)
+        ranges[key] = (None, None, float(levels[0]), float(levels[-1]))
+    worst, compared = 0.0, 0
+    for label, given in ranges.items():
+        low, high = given[-2:]
+        process = PROCESSES.get(label, VP())
+        override = given[:2] if len(given) == 4 else given
+        for steps in KD_STEPS:
+            for rho in KD_RHOS if name != "exponential" else [None]:
+                if name == "karras":
+                    want = kdiffusion_float64(kd.get_sigmas_karras, steps, low, high, rho=rho)
+                elif name == "exponential":
+                    want = kdiffusion_float64(kd.get_sigmas_exponential, steps, low, high)
+                else:
+                    want = kdiffusion_float64(kd.get_sigmas_polyexponential, steps, low, high,
+                                              rho=rho)  # fmt: skip
+                options = {} if rho is None else {"rho": rho}
+                got = schedule(name, **options).levels(process, steps, *override)
+                assert want.dtype == F64 and got.shape == want.shape, (label, steps, rho)
+                live = want[:-1]
+                rel = float(((got[:-1] - live).abs() / live).max())
+                assert rel <= 1e-12, (label, steps, rho, rel)
+                assert float(got[-1]) == float(want[-1]) == 0.0
+                worst, compared = max(worst, rel), compared + 1
+    assert compared >= 7 * len(KD_STEPS)
+    assert worst <= 1e-12
 
 
 @pytest.mark.parametrize("process", PROCESSES.values(), ids=PROCESSES.keys())
@@ -143,7 +257,8 @@ def test_normal_is_the_models_timesteps_or_comfyuis_normal(process, steps):
         picked = spaced_timesteps(len(levels), steps, spacing)
         np.testing.assert_allclose(got, np.append(levels[picked], 0.0), rtol=1e-12, atol=0)
     got = schedule("normal", spacing="uniform").levels(process, steps).numpy()
-    np.testing.assert_allclose(got, closed_form("normal-uniform", levels, steps), rtol=1e-10)
+    want = closed_form("normal-uniform", levels, steps)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("flag", ["use_karras_sigmas", "use_exponential_sigmas"])
@@ -180,8 +295,9 @@ def test_every_schedule_descends_within_the_range_to_zero(process, name, steps):
 def test_sigma_range_overrides_the_models():
     levels = schedule("karras").levels(VP(), 10, 0.05, 20.0)
     assert float(levels[0]) == pytest.approx(20.0) and float(levels[-2]) == pytest.approx(0.05)
-    with pytest.raises(diffplug.UserError, match="need 0 < --sigma-min < --sigma-max"):
-        schedule("karras").levels(VP(), 10, 5.0, 1.0)
+    for low, high in ((5.0, 1.0), (1e300, 1e308), (1e-300, 1e-299), (0.0, 1.0), (1.0, math.inf)):
+        with pytest.raises(diffplug.UserError, match="need 1e-08 <= --sigma-min < --sigma-max"):
+            schedule("karras").levels(VP(), 10, low, high)
 
 
 def test_a_scheduled_ddim_follows_the_probability_flow_ode():

@@ -73,6 +73,11 @@ class LevelSampler(Scheduler):
     def stepper(self, levels: list[float]) -> Stepper:
         """A fresh per-batch stepper for these levels."""
 
+    def steps_of(self, levels: list[float]) -> list[int] | None:
+        """The step each call belongs to (None: one call per step); a sampler with two
+        calls per step says which, so progress counts steps."""
+        return None
+
     def plan(self, process: Process, steps: int) -> Plan:
         schedule = self.schedule if self.schedule is not None else self.default_schedule()
         levels = schedule.levels(process, steps, *self.sigma_range).tolist()
@@ -92,6 +97,7 @@ class LevelSampler(Scheduler):
             # (ComfyUI's full-denoise noise scaling; k-diffusion starts at s0*z, which at
             # s0 = 157 differs by 2e-5 relative)
             init_scale=math.sqrt(1 + levels[0] ** 2),
+            step_of=self.steps_of(levels),
             levels=levels,
             make_stepper=self.stepper,
             info={"levels": levels, "evaluation_levels": calls},

@@ -24,6 +24,10 @@ import torch
 
 from diffplug.errors import UserError
 
+#: more steps than any sampler needs (DDPM's 1000 at most) but few enough that a plan's
+#: host tables stay small: a typo such as 2**31 is refused, not allocated
+MAX_STEPS = 100_000
+
 
 class Stepper(Protocol):
     """One batch's stepping state: ``update`` turns (x_t, x0_hat, eps_hat, z) into x_next."""
@@ -52,6 +56,10 @@ class Plan:
     #: extra facts for the recipe (resolved timesteps, spacing...).
     info: dict = field(default_factory=dict)
 
+    #: the sampler step each call belongs to, non-decreasing (None: one call per step), so
+    #: that progress counts the user's steps (a Heun step is two calls)
+    step_of: list[int] | None = None
+
     #: False when the step is not the linear form (``begin`` returns a stepper of its own),
     #: so the loop must not fold the tables.
     linear = True
@@ -64,6 +72,15 @@ class Plan:
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def step_count(self) -> int:
+        """The number of sampler steps (of ``len(self)`` denoiser calls)."""
+        return len(self) if self.step_of is None else len(set(self.step_of))
+
+    def ends_step(self, i: int) -> bool:
+        """Whether call ``i`` is the last of its step."""
+        of = self.step_of
+        return of is None or i + 1 == len(of) or of[i + 1] != of[i]
 
     def begin(self, x: torch.Tensor) -> Stepper | None:
         """The stepper of one batch, called with its starting x before its first step: every

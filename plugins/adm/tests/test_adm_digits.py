@@ -44,3 +44,23 @@ def test_adm_digits_draws_recognisable_digits(deterministic):
     assert report["confidence"] > 0.9
     assert report["digits_fd"] < 3 * report["floor"], report
     assert report["memorised_share"] <= 0.2, report  # held-out digits score 0.10
+
+
+def test_run_adm_with_a_schedule_records_it_and_replays(tmp_path):
+    """`--sampler adm --schedule karras --rho 5` walks karras' levels on adm-digits (the
+    recipe holds the schedule), and --recipe draws the same pixels again."""
+    from diffplug import read_recipe
+
+    first = tmp_path / "a.png"
+    result = run_cli("run", "--sampler", "adm", "--schedule", "karras", "--rho", "5",
+                     "--steps", "4", "--num-samples", "4", "-q", "-o", str(first))  # fmt: skip
+    assert result.code == 0, result.err
+    recipe = read_recipe(first)
+    assert recipe["schedule"]["name"] == "karras" and recipe["schedule"]["options"] == {"rho": 5.0}
+    assert recipe["evaluations"] == 4 and recipe["model"]["name"] == "adm-digits"
+    again = tmp_path / "b.png"
+    assert run_cli("run", "--recipe", str(first), "-q", "-o", str(again)).code == 0
+    from PIL import Image
+
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()

@@ -266,3 +266,72 @@ def test_core_transforms_apply_to_adm_without_imports_between_plugins(mixture):
            callback=lambda s: seen.append(s.x0.abs().amax(dim=(1, 2, 3))))  # fmt: skip
     assert all(bool((m <= 1 + 1e-12).all()) for m in seen)
     assert max(float(m.max()) for m in seen) > 0.5  # not collapsed to zero
+
+
+# -- --schedule: the same updates between a schedule's levels --------------------------------
+def scheduled(name: str, **options) -> ADM:
+    from diffplug import default_registry
+
+    sampler = ADM.from_options(**options)
+    sampler.schedule = default_registry().load("schedule", name)()
+    return sampler
+
+
+@pytest.mark.parametrize("name", ["karras", "exponential", "kl-optimal", "beta", "normal"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_schedule_sets_the_grid_and_the_steps_stay_exact(name, deterministic):
+    """With --schedule the times are those of the schedule's levels (sqrt(t)/(1 - t) = s),
+    the stochastic step is still the Gaussian posterior and the deterministic one stays on
+    the forward path, and the start is the marginal's scale at the first time."""
+    process = Decoupled()
+    sampler = scheduled(name, deterministic=deterministic)
+    plan = sampler.plan(process, 7)
+    levels = sampler.schedule.levels(process, 7).tolist()
+    times = plan.info["times"]
+    assert plan.info["levels"] == levels and len(times) == len(levels) and times[-1] == 0.0
+    got = [math.sqrt(t) / (1 - t) for t in times[:-1]]
+    assert got == pytest.approx(levels[:-1], rel=1e-9)
+    assert plan.init_scale == pytest.approx(math.sqrt((1 - times[0]) ** 2 + times[0]), abs=1e-15)
+    tables = fold(plan, "c_eps")
+    g = torch.Generator().manual_seed(0)
+    for i in range(len(plan)):
+        t, t_next = times[i], times[i + 1]
+        x0, eps = torch.randn(2, generator=g, dtype=F64).tolist()
+        x_t = (1 - t) * x0 + math.sqrt(t) * eps
+        mean = tables.fx[i] * x_t + tables.fp[i][0] * (-x0) + tables.fp[i][1] * eps
+        if deterministic:
+            assert mean == pytest.approx((1 - t_next) * x0 + math.sqrt(t_next) * eps, abs=1e-12)
+        else:
+            want_mean, want_var = posterior(x0, x_t, t, t - t_next)
+            assert mean == pytest.approx(want_mean, abs=1e-12)
+            assert plan.d[i] ** 2 == pytest.approx(want_var, abs=1e-14)
+
+
+def test_a_schedule_honours_the_sigma_range_and_split_last():
+    process = Decoupled()
+    sampler = scheduled("karras", split_last=True)
+    sampler.sigma_range = (0.5, 20.0)
+    times = sampler.plan(process, 5).info["times"]
+    assert math.sqrt(times[0]) / (1 - times[0]) == pytest.approx(20.0, rel=1e-9)
+    assert math.sqrt(times[4]) / (1 - times[4]) == pytest.approx(0.5, rel=1e-9)
+    assert times[-2:] == [1e-4, 0.0]  # the split step to t_min, then the clean sample
+    # at the table's own low end the last level is t_min already: nothing to split
+    assert len(scheduled("karras", split_last=True).plan(process, 5).info["times"]) == 6
+
+
+def test_a_scheduled_deterministic_adm_solves_the_same_ode(mixture):
+    """Every schedule is a grid of the same deterministic update: at many steps each lands
+    where 1000 steps of the authors' grid land, and 4 steps are measurably elsewhere
+    (mean distance measured at 4 / 50 / 300 steps: karras 0.95 / 0.037 / 0.0061,
+    exponential 0.34 / 0.025 / 0.0055, kl-optimal 0.30 / 0.013 / 0.0032)."""
+    seeds = range(64)
+    reference = sample(mixture, ADM.from_options(deterministic=True), steps=1000, seeds=seeds,
+                       dtype=F64)  # fmt: skip
+    for name in ("karras", "exponential", "kl-optimal"):
+        x = sample(mixture, scheduled(name, deterministic=True), steps=300, seeds=seeds,
+                   dtype=F64)  # fmt: skip
+        err = float((x - reference).flatten(1).norm(dim=1).mean())
+        assert err < 0.02, (name, err)
+        coarse = sample(mixture, scheduled(name, deterministic=True), steps=4, seeds=seeds,
+                        dtype=F64)  # fmt: skip
+        assert float((coarse - reference).flatten(1).norm(dim=1).mean()) > 10 * err, name

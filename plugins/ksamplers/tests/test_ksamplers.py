@@ -347,15 +347,31 @@ def test_churn_at_the_first_step_starts_at_the_churned_level():
     assert plan.d == [1.0, 1.0, 1.0, 0.0]  # steps 1..3 churn, drawn after the step before
 
 
-def test_the_bare_name_is_this_plugins_and_the_qualified_one_runs(tmp_path):
-    """The guide's example registers example-dpmpp-2m, so dpmpp-2m is this plugin's."""
+@pytest.mark.parametrize("name", ["dpmpp-2m", "heun"])
+def test_the_bare_name_is_this_plugins_and_the_qualified_one_runs(tmp_path, name):
+    """The guide's example registers its Heun as example-heun, so heun (like dpmpp-2m) is
+    this plugin's."""
     out = tmp_path / "x.safetensors"
     fast = ("--model", "gmm-digits", "--steps", "5", "--num-samples", "2", "--quiet")
-    bare = run_cli("run", "--sampler", "dpmpp-2m", *fast, "-o", str(out))
+    bare = run_cli("run", "--sampler", name, *fast, "-o", str(out))
     assert bare.code == 0, bare.err
     from diffplug import read_recipe
 
     assert read_recipe(out)["sampler"]["plugin"] == "diffplug-ksamplers"
-    ours = run_cli("run", "--sampler", "diffplug-ksamplers:dpmpp-2m", *fast, "-o", str(out),
+    ours = run_cli("run", "--sampler", f"diffplug-ksamplers:{name}", *fast, "-o", str(out),
                    "--overwrite")  # fmt: skip
     assert ours.code == 0, ours.err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_progress_counts_steps_not_calls(name):
+    """A Heun step is two calls; the bar counts the user's steps, ending with the run."""
+    levels = [50.0, 10.0, 3.0, 1.0, 0.2, 0.0]
+    sampler = make(name)
+    plan = sampler.plan(circle_mixture().process, 5)
+    assert plan.step_count() == 5
+    ends = [plan.ends_step(i) for i in range(len(plan))]
+    assert sum(ends) == 5 and ends[-1]
+    if sampler.evaluations_per_step == 2:  # two calls for every step but the last (Euler's)
+        of = sampler.steps_of(levels)
+        assert of == [0, 0, 1, 1, 2, 2, 3, 3, 4]

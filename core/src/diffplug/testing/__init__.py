@@ -23,6 +23,12 @@ _LAZY = {
     # the exact moments for a stochastic sampler
     "check_sampler": "diffplug.testing.convergence",
     "SamplerReport": "diffplug.testing.convergence",
+    # the conditioner and autoencoder contracts: shapes, the null condition, determinism,
+    # batch independence; the round trip and the latent scale
+    "check_conditioner": "diffplug.testing.components",
+    "check_autoencoder": "diffplug.testing.components",
+    "AutoencoderReport": "diffplug.testing.components",
+    "smooth_images": "diffplug.testing.components",
     # an exact oracle: a Gaussian mixture whose score is known in closed form
     "GaussianMixtureDenoiser": "diffplug.oracle",
     "circle_mixture": "diffplug.oracle",

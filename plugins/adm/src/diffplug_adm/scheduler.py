@@ -9,6 +9,11 @@ on a uniform grid (s = 1/N; the last step lands on 0). Deterministic: t runs lin
 1 to t_min over N points, then to 0, with x_next = x0_hat + c_hat*t_next + sqrt(t_next)*eps_hat.
 Both are linear in (x_t, x0_hat, eps_hat, z), so they are plain ``Plan`` tables and every
 core transform (clipping, dynamic thresholding) and guidance applies unchanged.
+
+Both updates hold between any two times t > t', so ``--schedule NAME`` replaces the grid:
+the schedule's noise levels s = sqrt(t)/(1 - t) on the decoupled process's table (its times
+t_min .. 1), each at the time with that level, then 0; the start is x ~ N(0, (1 - t0)^2 + t0),
+the marginal at the first time for unit-variance data (1 at t0 = 1, the unscheduled start).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffplug import Plan, Process, Scheduler, StaticThreshold, UserError, option
+from diffplug import NoiseTable, Plan, Process, Scheduler, StaticThreshold, UserError, option
 from diffplug_adm.process import Decoupled
 
 
@@ -40,6 +45,9 @@ class ADM(Scheduler):
 
     Config = ADMConfig
     default_steps = 10  # the authors' default
+    #: ``--schedule``: the posterior (or deterministic) step goes between any two times, so
+    #: the grid may be a schedule's levels; without one, the authors' uniform grid
+    walks_noise_levels = True
 
     def supports(self, process: Process) -> str | None:
         if not isinstance(process, Decoupled):
@@ -50,10 +58,17 @@ class ADM(Scheduler):
         return Decoupled()
 
     def grid(self, process: Decoupled, steps: int) -> list[float]:
-        """Evaluation times, then 0: steps + 1 entries (one more with ``split_last``)."""
+        """Evaluation times, then 0: steps + 1 entries (one more with ``split_last``); with
+        a schedule, the times of its levels (as many as it gives)."""
         if steps < 1:
             raise UserError(f"steps must be a positive integer; got {steps}")
         t_min = process.config.t_min
+        if self.schedule is not None:
+            levels = self.schedule_levels(process, steps)
+            times = NoiseTable.of(process).time_of(levels[:-1]).tolist()
+            if self.config.split_last and times[-1] > t_min * (1 + 1e-9):
+                times.append(t_min)
+            return times + [0.0]
         if self.config.deterministic:
             if steps == 1:
                 return [1.0, 0.0]
@@ -67,6 +82,11 @@ class ADM(Scheduler):
         if self.config.split_last and times[-1] > t_min:
             times.append(t_min)
         return times + [0.0]
+
+    def schedule_levels(self, process: Decoupled, steps: int) -> torch.Tensor:
+        """The chosen schedule's noise levels on this process (descending, the last 0)."""
+        assert self.schedule is not None
+        return self.schedule.levels(process, steps, *self.sigma_range)
 
     def plan(self, process: Process, steps: int) -> Plan:
         reason = self.supports(process)
@@ -90,6 +110,9 @@ class ADM(Scheduler):
             for table, value in zip((a, b, c, d), coefs, strict=True):
                 table.append(value)
         t = torch.tensor(times[:-1], dtype=torch.float64)
+        info: dict = {"times": times}
+        if self.schedule is not None:  # what the schedule chose, as the level samplers record
+            info["levels"] = self.schedule_levels(process, steps).tolist()
         return Plan(
             t=t,
             alpha=[1 - v for v in times[:-1]],
@@ -98,6 +121,8 @@ class ADM(Scheduler):
             b=b,
             c=c,
             d=d,
+            # x at the first time: N(0, (1 - t0)^2 + t0) for unit-variance data (1 at t0 = 1)
+            init_scale=math.sqrt((1 - times[0]) ** 2 + times[0]),
             transforms=[StaticThreshold()] if self.config.clip_sample else [],
-            info={"times": times},
+            info=info,
         )

@@ -221,6 +221,9 @@ class Heun(_ChurnSampler):
         calls = _two_call_steps(levels, second)
         return [_last_of_step(calls, k) and c.noisy_after(i) for k, (i, _) in enumerate(calls)]
 
+    def steps_of(self, levels: list[float]) -> list[int]:
+        return [i for i, _ in _two_call_steps(levels, self._second(levels))]
+
     def stepper(self, levels: list[float]) -> _HeunStepper:
         c = self.churn(levels)
         return _HeunStepper(_two_call_steps(levels, self._second(levels)), churn=c)
@@ -294,6 +297,9 @@ class DPM2(_ChurnSampler):
         c = self.churn(levels)
         calls = _two_call_steps(levels, self._mid(levels))
         return [_last_of_step(calls, k) and c.noisy_after(i) for k, (i, _) in enumerate(calls)]
+
+    def steps_of(self, levels: list[float]) -> list[int]:
+        return [i for i, _ in _two_call_steps(levels, self._mid(levels))]
 
     def stepper(self, levels: list[float]) -> _DPM2Stepper:
         c, mid = self.churn(levels), self._mid(levels)
@@ -407,6 +413,9 @@ class _MidpointAncestral(_AncestralSampler):
         mid = self._mid(levels)
         calls = _two_call_steps(levels, mid)
         return _call_levels(calls, levels, mid)
+
+    def steps_of(self, levels: list[float]) -> list[int]:
+        return [i for i, _ in _two_call_steps(levels, self._mid(levels))]
 
     def stepper(self, levels: list[float]) -> Any:
         mid = self._mid(levels)
@@ -610,6 +619,9 @@ class DPMppSDE(LevelSampler):
         mid = self._mid(levels)
         calls = _two_call_steps(levels, mid)
         return [self.config.eta > 0 and mid[i] is not None for i, _ in calls]
+
+    def steps_of(self, levels: list[float]) -> list[int]:
+        return [i for i, _ in _two_call_steps(levels, self._mid(levels))]
 
     def stepper(self, levels: list[float]) -> _DPMppSDEStepper:
         mid, cfg = self._mid(levels), self.config

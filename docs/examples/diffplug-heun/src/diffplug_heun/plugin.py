@@ -5,5 +5,5 @@ from diffplug import Register, hookimpl
 
 @hookimpl
 def register_schedulers(register: Register) -> None:
-    register("example-dpmpp-2m", "diffplug_dpmsolver.sampler:DPMSolver2M",
-             "DPM-Solver++(2M), the plugin guide's worked example")  # fmt: skip
+    register("example-heun", "diffplug_heun.sampler:Heun",
+             "Heun's 2nd-order method, the plugin guide's worked example")  # fmt: skip

@@ -1,1 +1,0 @@
-"""DPM-Solver++(2M) (Lu et al. 2022) as a third-party diffplug plugin."""

@@ -1,0 +1,1 @@
+"""The multistep and newer solvers of ComfyUI's sampler set, for diffplug."""
