@@ -1,6 +1,11 @@
 """Exact resume: SIGINT or SIGTERM at a random moment lets the step in flight finish and saves
 one consistent state; resuming gives the uninterrupted run bit for bit (in one process and
-under a 2-process DDP run). A resume that would change the run is refused, naming what."""
+under a 2-process DDP run). A resume that would change the run is refused, naming what.
+
+Nothing lost: a full disk mid-checkpoint, a SIGKILL mid-write, an interrupt right after
+--resume each leave the last complete checkpoint named by `latest`, resumable; a new state is
+durable before `latest` names it and before the old one goes; what a killed write left behind
+is removed by the next run, and nothing else is."""
 
 from __future__ import annotations
 
@@ -16,7 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from cliutil import assert_clean_error, run_cli
+from coreonly import ENV as CORE_ENV
 from safetensors.torch import load_file
+
+from diffplug.atomic import TEMP_NAME
+from diffplug.checkpoint import read_metadata
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 #: torchrun's processes and training subprocesses: one xdist worker runs them in turn, so
@@ -140,3 +149,219 @@ def test_a_resume_that_would_change_the_run_is_refused_by_name(tmp_path):
         assert sum(line.startswith("diffplug: error") for line in result.err.splitlines()) == 1
     longer = [a if a != "4" else "6" for a in small]
     assert run_cli(*longer, "--resume").code == 0  # more steps: allowed
+
+
+# -- nothing lost: disk full, a kill mid-write, an interrupt right after --resume ----------
+
+
+def _small(out, steps=4):
+    return ["train", "--method", "uniform-vp", "--steps", str(steps), "--batch-size", "8",
+            "--widths", "8,8", "--checkpoint-every", "2", "-q", "--out", str(out)]  # fmt: skip
+
+
+def _model_step(out):
+    return read_metadata(out / "model.safetensors")["extra"]["step"]
+
+
+def _errors(result):
+    return [line for line in result.err.splitlines() if line.startswith("diffplug: error")]
+
+
+def _disk_full_at(monkeypatch, module, attr, when):
+    """Make ``module.attr`` (a safetensors save) raise ENOSPC for the file ``when`` picks."""
+    import errno
+
+    real = getattr(module, attr)
+
+    def save(tensors, filename, *args, **kw):
+        if when(str(filename)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kw)
+
+    monkeypatch.setattr(module, attr, save)
+
+
+def test_disk_full_mid_checkpoint_keeps_the_last_complete_one_and_resumes(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    _disk_full_at(monkeypatch, safetensors.torch, "save_file",
+                  lambda f: f.endswith("00000004/optimizer.safetensors"))  # fmt: skip
+    result = run_cli(*_small(out), env=CORE_ENV)
+    assert_clean_error(
+        result,
+        f"no space left on device while writing {out}/state-00000004/optimizer.safetensors",
+        f"the last complete checkpoint is step 2 at {out}/state-00000002",
+    )
+    assert len(_errors(result)) == 1
+    assert (out / "latest").read_text() == "state-00000002"
+    assert _model_step(out) == 2  # never newer than `latest`
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "model.safetensors",
+                                                     "state-00000002"]  # fmt: skip
+    monkeypatch.undo()
+    resumed = run_cli(*_small(out, steps=6), "--resume", env=CORE_ENV)
+    assert resumed.code == 0, resumed.err
+    assert (out / "latest").read_text() == "state-00000006" and _model_step(out) == 6
+
+
+def test_disk_full_writing_the_model_leaves_it_older_than_latest_and_resume_mends_it(
+    tmp_path, monkeypatch
+):
+    import diffplug.checkpoint
+
+    out = tmp_path / "run"
+    calls = []
+    _disk_full_at(monkeypatch, diffplug.checkpoint, "save_file",
+                  lambda f: calls.append(f) or len(calls) == 2)  # the second model write  # fmt: skip
+    result = run_cli(*_small(out), env=CORE_ENV)
+    assert_clean_error(
+        result,
+        f"no space left on device while writing {out}/model.safetensors",
+        f"the last complete checkpoint is step 4 at {out}/state-00000004",
+    )
+    assert (out / "latest").read_text() == "state-00000004"
+    assert _model_step(out) == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+    monkeypatch.undo()
+    resumed = run_cli(*_small(out), "--resume", env=CORE_ENV)  # no step left: the model is mended
+    assert resumed.code == 0, resumed.err
+    assert _model_step(out) == 4
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "model.safetensors",
+                                                     "state-00000004"]  # fmt: skip
+
+
+def test_a_new_state_is_durable_before_latest_names_it_and_before_the_old_one_goes(
+    tmp_path, monkeypatch
+):
+    """The order of operations, observed: every file of the new state fsynced, its folder
+    renamed into place and the output folder fsynced, then `latest` replaced and fsynced, then
+    the model, and only then the older state removed."""
+    out = tmp_path / "run"
+    assert run_cli(*_small(out, steps=2), env=CORE_ENV).code == 0
+    events = []
+    real = {"fsync": os.fsync, "rename": os.rename, "replace": os.replace}
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    def rename(src, dst, *a, **kw):
+        events.append(("rename", str(src), str(dst)))
+        return real["rename"](src, dst, *a, **kw)
+
+    def replace(src, dst, *a, **kw):
+        events.append(("replace", str(src), str(dst)))
+        return real["replace"](src, dst, *a, **kw)
+
+    import shutil
+
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                              rmtree(p, *a, **k)))  # fmt: skip
+    assert run_cli(*_small(out, steps=4), "--resume", env=CORE_ENV).code == 0
+    monkeypatch.undo()
+
+    def at(*event):
+        return events.index(event)
+
+    tmp, new = str(out / ".tmp-state-00000004"), str(out / "state-00000004")
+    moved = at("rename", tmp, new)
+    for name in ("rng-0.safetensors", "raw.safetensors", "ema.safetensors",
+                 "optimizer.safetensors", "state.json"):  # fmt: skip
+        assert at("fsync", f"{tmp}/{name}") < moved, name
+    assert at("fsync", tmp) < moved
+    latest = next(
+        i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out / "latest")
+    )
+    assert moved < events.index(("fsync", str(out)), moved) < latest
+    model = next(i for i, e in enumerate(events)
+                 if e[0] == "replace" and e[2] == str(out / "model.safetensors"))  # fmt: skip
+    assert latest < events.index(("fsync", str(out)), latest) < model
+    assert model < at("rmtree", str(out / "state-00000002"))
+
+
+def test_an_interrupt_right_after_resume_keeps_the_only_checkpoint(tmp_path, monkeypatch):
+    """A signal that lands as the resumed loop begins saves nothing and deletes nothing."""
+    import signal as signals
+
+    from diffplug import training
+
+    out = tmp_path / "run"
+    assert run_cli(*_small(out, steps=2), env=CORE_ENV).code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    enter = training._Signals.__enter__
+
+    def caught_at_once(self):
+        enter(self)
+        self.caught = signals.SIGINT
+        return self
+
+    monkeypatch.setattr(training._Signals, "__enter__", caught_at_once)
+    result = run_cli(*_small(out, steps=8), "--resume", env=CORE_ENV)
+    assert result.code == 130, result.err
+    assert "interrupted; checkpoint at step 2" in result.err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run_cli(*_small(out), "--resume", env=CORE_ENV).code == 0
+
+
+KILL_DURING = """import os, signal, sys
+import safetensors.torch as st
+real = st.save_file
+def save(tensors, filename, *a, **kw):
+    if str(filename).endswith(sys.argv[1]):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a file")
+            fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tensors, filename, *a, **kw)
+st.save_file = save
+from diffplug.cli import main
+main(sys.argv[2:])
+"""
+KILL_IN_ATOMIC = """import os, signal, sys
+from diffplug.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed(script, *args):
+    env = {**ENV, **CORE_ENV, "PYTHONPATH": str(Path(__file__).parent / "fixtures")}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc
+
+
+def test_what_a_killed_checkpoint_write_leaves_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL (no handler runs) in the middle of writing the step-4 state, then in the middle
+    of an atomic write of model.safetensors: the resumed run removes both leftovers, says so
+    in one line, and leaves every other file alone."""
+    out = tmp_path / "run"
+    _killed(KILL_DURING, "00000004/optimizer.safetensors", *_small(out))
+    _killed(KILL_IN_ATOMIC, str(out / "model.safetensors"))
+    assert (out / "latest").read_text() == "state-00000002"
+    assert (out / ".tmp-state-00000004" / "optimizer.safetensors").read_bytes() == b"half a file"
+    [temp] = [p.name for p in out.iterdir() if TEMP_NAME.match(p.name)]
+    host = TEMP_NAME.match(temp)["host"]
+    keep = {  # a user's files, another target's leftover, a live writer's, another host's
+        "notes.tmp": b"mine",
+        ".tmp-state-mine": b"mine",
+        f".samples.png.diffplug-{host}-{TEMP_NAME.match(temp)['pid']}-abcdefgh.tmp": b"other",
+        f".model.safetensors.diffplug-{host}-{os.getpid()}-abcdefgh.tmp": b"live",
+        f".model.safetensors.diffplug-00000000-{TEMP_NAME.match(temp)['pid']}-abcdefgh.tmp": b"x",
+    }
+    for name, data in keep.items():
+        (out / name).write_bytes(data)
+    result = run_cli(*_small(out), "--resume", env=CORE_ENV)
+    assert result.code == 0, result.err
+    [line] = [line for line in result.err.splitlines() if "stale temporary" in line]
+    assert ".tmp-state-00000004/" in line and temp in line
+    assert not (out / ".tmp-state-00000004").exists() and not (out / temp).exists()
+    assert {n: (out / n).read_bytes() for n in keep} == keep
+    assert (out / "latest").read_text() == "state-00000004" and _model_step(out) == 4

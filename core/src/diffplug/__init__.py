@@ -99,6 +99,8 @@ _LAZY = {
     "LowResConfig": "diffplug.conditioners",
     "AUG_LEVEL": "diffplug.conditioners",
     "recorded_conditioner": "diffplug.conditioners",
+    "ImageDataset": "diffplug.datasets",  # the data-set contract (register_datasets)
+    "DatasetInfo": "diffplug.datasets",
     "digits": "diffplug.data",
     "load_data": "diffplug.data",
     "resize": "diffplug.data",

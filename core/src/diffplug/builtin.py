@@ -1,5 +1,5 @@
 """Core's own plugin: the VP process, pixel space, no or low-res image conditioning,
-thresholding, the oracle."""
+thresholding, the oracle, the digits data set."""
 
 from __future__ import annotations
 
@@ -65,4 +65,13 @@ def register_pretrained(register: Register) -> None:
         "gmm-digits",
         "diffplug:weights/gmm-digits.safetensors",
         "Gaussian mixture at the ten class means of the 8x8 digits (exact oracle, no training)",
+    )
+
+
+@hookimpl
+def register_datasets(register: Register) -> None:
+    register(
+        "digits",
+        "diffplug.datasets:Digits",
+        "scikit-learn's 8x8 handwritten digits, 17 grey levels, with their classes",
     )

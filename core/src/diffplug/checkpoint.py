@@ -168,7 +168,9 @@ def _check_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[int,
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise bad
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not isinstance(offsets, list):
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list is not even hashable
+        raise bad
+    if not isinstance(shape, list) or not isinstance(offsets, list):
         raise bad
     if len(offsets) != 2 or not all(type(v) is int and v >= 0 for v in (*shape, *offsets)):
         raise bad
@@ -191,16 +193,22 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: a safetensors file but not a diffplug checkpoint (no diffplug metadata)"
         )
     try:
-        config = json.loads(meta["diffplug.config"])
-        return {
+        out = {
             "kind": meta["diffplug.kind"],
             "plugin": meta["diffplug.plugin"],
             "name": meta["diffplug.name"],
-            "config": config,
+            "config": json.loads(meta["diffplug.config"]),
             "extra": json.loads(meta.get("diffplug.extra", "{}")),
         }
     except (KeyError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: incomplete diffplug metadata ({exc})") from None
+    for key in ("config", "extra"):  # the loaders index both as objects
+        if not isinstance(out[key], dict):
+            raise CheckpointError(
+                f"{path}: malformed diffplug metadata ({key} is a JSON {type(out[key]).__name__}, "
+                "not an object)"
+            )
+    return out
 
 
 def identify(component: Any, kind: str, registry: Registry | None = None) -> tuple[str, str]:

@@ -119,27 +119,133 @@ def plugins(as_json: bool) -> None:
 @click.argument("kind", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def list_components(kind: str | None, as_json: bool) -> None:
-    """Components of KIND (samplers, denoisers, models, ...), or of every kind."""
+    """Components of KIND (samplers, denoisers, models, ...), or of every kind.
+
+    `list samplers` also gives each sampler's order, denoiser calls per step and whether it
+    draws noise: it imports the sampler classes (and torch) to read them; a sampler that
+    fails to import is listed with its error. `list datasets` gives each data set's size,
+    split, resolution, channels, captions, labels and license, from its `info()` (which
+    imports no torch). Every other listing imports no plugin code."""
     registry = default_registry()
     kinds = [resolve_kind(kind)] if kind else list(KINDS)
-    data = {
+    data: dict[str, list[dict[str, Any]]] = {
         k: [
             {"name": n, "plugin": registry.get(k, n).dist, "summary": registry.get(k, n).summary}
             for n in registry.names(k)
         ]
         for k in kinds
     }
+    facts = kinds == ["scheduler"]  # only when samplers alone are asked for
+    if facts:
+        for row in data["scheduler"]:
+            row.update(_sampler_facts_of(registry.get("scheduler", row["name"])))
+    datasets = kinds == ["dataset"]
+    if datasets:
+        for row in data["dataset"]:
+            row.update(_dataset_facts_of(registry.get("dataset", row["name"])))
     if as_json:
         click.echo(json.dumps(data, indent=2))
+        return
+    if datasets:
+        _echo_datasets(data["dataset"])
         return
     for k, rows in data.items():
         if not rows and not kind:
             continue
         click.echo(f"{PLURALS.get(k, k + 's')}:")
+        width = max([20, *(len(row["name"]) for row in rows)]) if facts else 20
+        if facts and rows:
+            head = ("order", "calls", "noise", "schedule")
+            click.echo(f"  {'name':<{width}} {_columns(head)} summary  [plugin]")
         for row in rows:
-            click.echo(f"  {row['name']:<20} {row['summary']}  [{row['plugin']}]")
+            if facts:
+                line = " ".join(p for p in (_sampler_columns(row), row["summary"]) if p)
+                click.echo(f"  {row['name']:<{width}} {line}  [{row['plugin']}]")
+            else:
+                click.echo(f"  {row['name']:<{width}} {row['summary']}  [{row['plugin']}]")
         if not rows:
             click.echo("  (none installed)")
+
+
+#: the keys ``list datasets`` adds to each row (``_dataset_facts_of``)
+DATASET_FACTS = ("images", "splits", "resolution", "channels", "captions", "labels", "license")
+
+
+def _dataset_facts_of(entry: Any) -> dict[str, Any]:
+    """A registered data set's ``info()`` as a row's facts, or ``error`` with None facts when
+    it cannot be imported, built or asked: one broken plugin never breaks the listing."""
+    try:
+        info = entry.construct(cls=entry.load()).info()
+        facts = {
+            "images": int(info.size),
+            "splits": {k: int(v) for k, v in info.splits.items()},
+            "resolution": [int(v) for v in info.resolution],
+            "channels": int(info.channels),
+            "captions": bool(info.captions),
+            "labels": bool(info.labels),
+            "license": str(info.license),
+        }
+    except (Exception, SystemExit) as exc:  # a plugin's failure, reported in its row
+        message = str(exc) if isinstance(exc, DiffplugError) else f"{type(exc).__name__}: {exc}"
+        return {**dict.fromkeys(DATASET_FACTS), "error": message}
+    return {**facts, "error": None}
+
+
+def _echo_datasets(rows: list[dict[str, Any]]) -> None:
+    """``list datasets``: one line of facts per data set, its summary on the next."""
+    click.echo("datasets:")
+    if not rows:
+        click.echo("  (none installed)")
+        return
+    width = max([12, *(len(row["name"]) for row in rows)])
+    head = ("images", "train/held-out", "size", "channels", "captions", "labels")
+    click.echo(f"  {'name':<{width}} {_dataset_columns(head)} license  [plugin]")
+    for row in rows:
+        if row["error"] is not None:
+            line = f"(cannot load: {row['error']})"
+        else:
+            splits = row["splits"]
+            split = f"{splits.get('train', '?')}/{splits.get('heldout', '?')}"
+            h, w = row["resolution"]
+            channels = f"{row['channels']} ({'grey' if row['channels'] == 1 else 'RGB'})"
+            yes = {True: "yes", False: "no"}
+            cells = (row["images"], split, f"{h}x{w}", channels, yes[row["captions"]],
+                     yes[row["labels"]])  # fmt: skip
+            line = f"{_dataset_columns(cells)} {row['license']}"
+        click.echo(f"  {row['name']:<{width}} {line}  [{row['plugin']}]")
+        if row["summary"]:
+            click.echo(f"  {'':<{width}} {row['summary']}")
+
+
+def _dataset_columns(values: tuple[Any, ...]) -> str:
+    """The fixed-width columns of ``list datasets``."""
+    widths = (6, 14, 7, 8, 8, 6)
+    return " ".join(f"{str(v):<{w}}" for v, w in zip(values, widths, strict=True))
+
+
+def _sampler_facts_of(entry: Any) -> dict[str, Any]:
+    """A registered sampler's facts (``_sampler_facts``), or ``error`` with None facts when
+    its class cannot be imported or read: one broken plugin never breaks the listing."""
+    try:
+        return {**_sampler_facts(entry.load()), "error": None}
+    except (Exception, SystemExit) as exc:  # a plugin's failure, reported in its row
+        message = str(exc) if isinstance(exc, DiffplugError) else f"{type(exc).__name__}: {exc}"
+        return {**dict.fromkeys(SAMPLER_FACTS), "error": message}
+
+
+def _columns(values: tuple[Any, ...]) -> str:
+    """The fixed-width ``order calls noise schedule`` columns of ``list samplers``."""
+    return " ".join(f"{str(v):<{w}}" for v, w in zip(values, (5, 5, 14, 8), strict=True))
+
+
+def _sampler_columns(row: dict[str, Any]) -> str:
+    """One ``list samplers`` row's columns: order ("-": not declared), denoiser calls per
+    step, noise, whether it takes ``--schedule``; or its load error."""
+    if row["error"] is not None:
+        return f"(cannot load: {row['error']})"
+    order = "-" if row["order"] is None else f"{row['order']:g}"
+    schedule = "yes" if row["walks_noise_levels"] else "no"
+    return _columns((order, row["evaluations_per_step"], NOISE[row["stochastic"]], schedule))
 
 
 @cli.command()
@@ -173,19 +279,44 @@ def info(name: str, kind: str | None) -> None:
     _describe_options(obj)
 
 
+#: what ``info`` and ``list samplers`` say of a sampler's noise (``Scheduler.stochastic``)
+NOISE = {True: "stochastic", False: "deterministic", None: "set by options"}
+#: the keys of ``_sampler_facts``, in order
+SAMPLER_FACTS = ("order", "evaluations_per_step", "stochastic", "default_steps",
+                 "walks_noise_levels", "default_schedule")  # fmt: skip
+
+
+def _sampler_facts(cls: Any) -> dict[str, Any]:
+    """What a user choosing a sampler asks first (its class attributes, see ``Scheduler``):
+    order of accuracy (None: not declared), denoiser calls per step, whether it draws noise
+    (None: its options decide, e.g. DDIM's eta), default steps, and whether it takes
+    ``--schedule`` (and which one it uses without it; None: its own timesteps)."""
+    order = getattr(cls, "order", None)
+    walks = bool(getattr(cls, "walks_noise_levels", False))
+    default = getattr(cls, "default_schedule", None) if walks else None
+    return {
+        "order": None if order is None else float(order),
+        "evaluations_per_step": int(getattr(cls, "evaluations_per_step", 1)),
+        "stochastic": getattr(cls, "stochastic", None),
+        "default_steps": getattr(cls, "default_steps", None),
+        "walks_noise_levels": walks,
+        "default_schedule": default.__name__.lower() if default is not None else None,
+    }
+
+
 def _describe_sampler(cls: Any) -> None:
     """What a user choosing a sampler asks first: order, calls per step, noise, schedule."""
-    order = getattr(cls, "order", None)
-    stochastic = getattr(cls, "stochastic", None)
-    noise = {True: "stochastic", False: "deterministic", None: "noise set by its options"}
+    facts = _sampler_facts(cls)
+    order = facts["order"]
+    noise = {**NOISE, None: "noise set by its options"}
     click.echo(
         f"  order {order if order is not None else '(not declared)'}, "
-        f"{getattr(cls, 'evaluations_per_step', 1)} denoiser call(s) per step, "
-        f"{noise[stochastic]}, default {getattr(cls, 'default_steps', '?')} steps"
+        f"{facts['evaluations_per_step']} denoiser call(s) per step, "
+        f"{noise[facts['stochastic']]}, default "
+        f"{facts['default_steps'] if facts['default_steps'] is not None else '?'} steps"
     )
-    if getattr(cls, "walks_noise_levels", False):
-        default = getattr(cls, "default_schedule", None)
-        which = default.__name__.lower() if default is not None else "its own timesteps"
+    if facts["walks_noise_levels"]:
+        which = facts["default_schedule"] or "its own timesteps"
         click.echo(f"  takes --schedule NAME (default: {which})")
     else:
         click.echo("  chooses its own steps (no --schedule)")

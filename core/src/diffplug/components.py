@@ -161,8 +161,9 @@ class Conditioner(_Configurable, nn.Module):
 
     Hooks, each with a default: ``null`` (guidance's unconditional half and training's
     dropped conditions), ``from_data`` (conditions of a training batch), ``condition``
-    (conditions at sampling, with per-sample seeds for any randomness), ``sweep`` and
-    ``score`` (sample under several variants and keep each sample's best).
+    (conditions at sampling, with per-sample seeds for any randomness; also how a negative
+    prompt is encoded), ``align`` (conditions of different lengths made to fit one batch),
+    ``sweep`` and ``score`` (sample under several variants and keep each sample's best).
     """
 
     #: the conditioning kind produced ("class", "text", "image"); None for unconditional.
@@ -180,16 +181,28 @@ class Conditioner(_Configurable, nn.Module):
         """Conditioning for a batch of inputs, one per sample."""
 
     def null(self, batch: int) -> Cond:
-        """The 'no condition' embedding (classifier-free guidance's unconditional half)."""
+        """The 'no condition' embedding (classifier-free guidance's unconditional half, for
+        a text conditioner the empty prompt's). A negative prompt replaces it at sampling:
+        the loop then encodes the negative prompts with ``condition`` instead."""
         return self.forward([None] * batch)
+
+    def align(self, conds: Sequence[Cond], inputs: Sequence[Any] = ()) -> list[Cond]:
+        """Conditions made to fit one batch: the same keys and shapes but the batch, so they
+        can be concatenated. The loop passes a batch's conditional parts with its null (or
+        negative-prompt) parts, and ``inputs``, every input of the draw (prompts, then
+        negative prompts; the same list for every batch of one draw). The default returns
+        them as they are; a conditioner whose conditions vary in length pads each to the
+        longest any input of the draw needs (CLIP: 75-token windows of the empty prompt),
+        so that a sample's condition does not depend on its batch."""
+        return list(conds)
 
     def drop(self, cond: Cond, dropped: torch.Tensor) -> Cond:
         """Training's condition dropout: samples where ``dropped`` (B,) is True get the null
         condition, so one model learns both halves that guidance combines."""
         if cond is None:
             return None
-        null = self.null(len(dropped))
-        assert null is not None
+        cond, null = self.align([cond, self.null(len(dropped))])
+        assert cond is not None and null is not None
         out = {}
         for key, value in cond.items():
             mask = dropped.to(value.device).view(-1, *([1] * (value.ndim - 1)))

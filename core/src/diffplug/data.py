@@ -1,7 +1,9 @@
-"""Datasets: scikit-learn's bundled handwritten digits, and a folder of the user's images.
+"""Training data in memory: a registered data set (``digits``, a plugin's) or a folder of
+the user's images.
 
 Both give float32 tensors (N, C, S, S) in [-1, 1]. Nothing is downloaded: the digits ship
-inside scikit-learn.
+inside scikit-learn, a plugin's data set inside its package. Data sets are registered with
+the ``register_datasets`` hook; their contract is ``diffplug.datasets.ImageDataset``.
 
 The digits split is fixed: image i (in ``load_digits`` order) is held out when i % 6 == 0,
 giving 1497 training and 300 held-out images with every class in both.
@@ -11,24 +13,33 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from diffplug.errors import UserError
+from diffplug.datasets import Digits, ImageDataset
+from diffplug.errors import DiffplugError, PluginError, UnknownComponentError, UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-HELD_OUT_EVERY = 6
+HELD_OUT_EVERY = Digits.HELD_OUT_EVERY
+#: the side and channels of a folder's images when --size / --channels are not given
+FOLDER_SIZE, FOLDER_CHANNELS = 8, 1
 
 
 @dataclass
 class Dataset:
-    """Images in [-1, 1] and, where known, integer labels."""
+    """Images in [-1, 1] and, where known, integer labels and captions."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
+    #: per image, one or more captions (a data set that has them)
+    captions: list[list[str]] | None = None
+    #: where the images came from, for a checkpoint's record: a registered data set's
+    #: ``dataset``, ``plugin``, ``version``, ``split`` and ``license``; empty for a folder
+    source: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -50,21 +61,59 @@ def digits(split: str = "train", size: int = 8) -> Dataset:
 
     ``split`` is "train" (1497 images), "heldout" (300) or "all" (1797).
     """
-    from sklearn.datasets import load_digits
+    return from_dataset(Digits(), split, size, name="digits")
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
-    index = torch.arange(len(images))
-    if split == "train":
-        keep = index % HELD_OUT_EVERY != 0
-    elif split == "heldout":
-        keep = index % HELD_OUT_EVERY == 0
-    elif split == "all":
-        keep = torch.ones_like(index, dtype=torch.bool)
-    else:
-        raise UserError(f"unknown split {split!r}; use train, heldout or all")
-    return Dataset(resize(images[keep], size), labels[keep])
+
+def from_dataset(
+    dataset: ImageDataset,
+    split: str = "train",
+    size: int | None = None,
+    channels: int | None = None,
+    *,
+    name: str = "data set",
+) -> Dataset:
+    """A split of a registered data set (``diffplug.datasets.ImageDataset``) in memory:
+    its uint8 images mapped to [-1, 1] (``x / (max_value / 2) - 1``), centre-cropped to a
+    square if they are not one and resized to ``size`` (default: their own side), with its
+    labels and captions. ``channels``, if given, must be the data set's."""
+    info = dataset.info()
+    if channels is not None and channels != info.channels:
+        what = {1: "greyscale", 3: "RGB"}.get(info.channels, f"{info.channels}-channel")
+        raise UserError(
+            f"data set {name!r} is {what}: use --channels {info.channels} (or leave it out)"
+        )
+    images = dataset.images(split)
+    if not (
+        isinstance(images, torch.Tensor)
+        and images.dtype == torch.uint8
+        and images.ndim == 4
+        and images.shape[1] == info.channels
+        and len(images) > 0
+    ):
+        found = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise PluginError(
+            f"data set {name!r}: images({split!r}) gave {found}; expected a non-empty uint8 "
+            f"tensor (N, {info.channels}, H, W)"
+        )
+    x = images.float() / (info.max_value / 2) - 1
+    side = min(x.shape[-2:])
+    if x.shape[-1] != x.shape[-2]:
+        top, left = (x.shape[-2] - side) // 2, (x.shape[-1] - side) // 2
+        x = x[..., top : top + side, left : left + side]
+    labels = dataset.labels(split)
+    captions = dataset.captions(split)
+    for what, values in (("labels", labels), ("captions", captions)):
+        if values is not None and len(values) != len(x):
+            raise PluginError(
+                f"data set {name!r}: {len(values)} {what} for {len(x)} images in {split!r}"
+            )
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+    return Dataset(resize(x, size or side), labels, captions)
 
 
 def image_folder(path: str | os.PathLike[str], size: int, channels: int = 1) -> Dataset:
@@ -103,10 +152,61 @@ def image_folder(path: str | os.PathLike[str], size: int, channels: int = 1) -> 
     return Dataset(torch.stack(images))
 
 
-def load_data(spec: str, size: int, split: str = "train", channels: int = 1) -> Dataset:
-    """``digits`` or a folder path."""
-    if spec == "digits":
-        if channels != 1:
-            raise UserError("the digits are greyscale: use --channels 1")
-        return digits(split, size)
-    return image_folder(spec, size, channels)
+def load_data(
+    spec: str,
+    size: int | None = None,
+    split: str = "train",
+    channels: int | None = None,
+    registry: Any = None,
+) -> Dataset:
+    """A registered data set by name (``digits``, ``emoji``, ``plugin:name``), or a folder.
+
+    A spec with a path separator (or starting with ``.`` or ``~``) is always a folder; a
+    bare word is a data set's name, else a folder of that name in the working directory;
+    neither is a ``UserError`` naming the installed data sets. ``size`` and ``channels``
+    default to the data set's own (a folder's: 8 px, greyscale)."""
+    if _is_path(spec):
+        return _folder(spec, size, channels)
+    if registry is None:
+        from diffplug.registry import default_registry
+
+        registry = default_registry()
+    try:
+        entry = registry.get("dataset", spec)
+    except UnknownComponentError:
+        if os.path.isdir(spec):
+            return _folder(spec, size, channels)
+        installed = ", ".join(registry.names("dataset")) or "none"
+        hints = "".join(f". {h}" for h in registry.missing_hints("dataset"))
+        raise UserError(
+            f"unknown data set {spec!r}: not an installed data set ({installed}) nor an "
+            f"image folder; `diffplug list datasets` lists them{hints}"
+        ) from None
+    try:
+        dataset = entry.construct(cls=registry.load("dataset", spec))
+        data = from_dataset(dataset, split, size, channels, name=entry.name)
+        info = dataset.info()
+    except DiffplugError:
+        raise
+    except Exception as exc:  # a plugin's bug must not look like ours
+        raise PluginError(
+            f"plugin {entry.dist}: data set {entry.name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    plugin = registry.plugins.get(entry.dist)
+    data.source = {
+        "dataset": entry.name,
+        "plugin": entry.dist,
+        "version": plugin.version if plugin is not None else "?",
+        "split": split,
+        "license": info.license,
+    }
+    return data
+
+
+def _is_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or spec.startswith((".", "~"))
+
+
+def _folder(spec: str, size: int | None, channels: int | None) -> Dataset:
+    path = os.path.expanduser(spec)
+    return image_folder(path, size or FOLDER_SIZE, channels or FOLDER_CHANNELS)

@@ -79,5 +79,11 @@ def register_pipelines(register: Register) -> None:
 
 
 @hookspec
+def register_datasets(register: Register) -> None:
+    """Data sets for ``diffplug train --data NAME``: ``target`` names a subclass of
+    ``diffplug.ImageDataset`` (see ``diffplug.datasets``) whose ``info()`` imports no torch."""
+
+
+@hookspec
 def register_commands(register: Register) -> None:
     """Extra CLI commands: ``target`` names a click command."""

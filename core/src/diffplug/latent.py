@@ -85,8 +85,12 @@ def recorded_autoencoder(denoiser: Denoiser, registry: Any = None, check: bool =
         return None
     param = next(denoiser.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    from diffplug.registry import default_registry
+    from diffplug.resolve import recorded_name
+
+    registry = registry or default_registry()
     try:
-        ae = load_autoencoder(record["source"], registry, device)
+        ae = load_autoencoder(recorded_name(registry, record["source"]), registry, device)
     except Exception as exc:  # name it as the model's dependency, whatever went wrong
         raise CheckpointError(
             f"the model works in the latents of autoencoder {record['source']!r}, which "

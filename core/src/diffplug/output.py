@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from diffplug.atomic import atomic_path
+from diffplug.atomic import atomic_path, remove_stale
 from diffplug.errors import UserError
 
 SUFFIXES = {".png": "a grid", ".safetensors": "the tensor"}
@@ -36,7 +36,8 @@ def check_output_path(
 ) -> Path:
     """Refuse a bad output path before any work is done. ``suffixes`` maps the extensions a
     command writes to what each holds (default: a samples grid or tensor); with ``folders``
-    a folder target (``DIR/``) is accepted too, refused if it holds files."""
+    a folder target (``DIR/``) is accepted too, refused if it holds files. Temporary files a
+    killed write of this target left behind are removed first (one stderr line)."""
     if folders and is_folder_target(path):
         return _check_folder(Path(path), overwrite)
     path = Path(path)
@@ -56,6 +57,9 @@ def check_output_path(
         raise UserError(f"output {path} exists; pass --overwrite to replace it")
     if not os.access(parent, os.W_OK):
         raise UserError(f"output {path}: directory {parent} is not writable")
+    if _writer():
+        target = Path(os.path.realpath(path))
+        remove_stale(target.parent, target.name)
     return path
 
 
@@ -65,11 +69,18 @@ def _check_folder(path: Path, overwrite: bool) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not path.exists() and not parent.is_dir():
         raise UserError(f"output {path}/: directory {parent} does not exist")
+    if path.is_dir() and _writer():
+        remove_stale(path)  # a killed earlier write's temporary files do not make it full
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"output {path}/ is not empty; pass --overwrite to write into it")
     if not os.access(path if path.is_dir() else parent, os.W_OK):
         raise UserError(f"output {path}/ is not writable")
     return path
+
+
+def _writer() -> bool:
+    """Whether this process writes outputs (rank 0 of a torchrun job, or a lone process)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def to_unit(samples: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ KINDS: dict[str, str] = {
     "transform": "register_transforms",
     "pretrained": "register_pretrained",
     "pipeline": "register_pipelines",
+    "dataset": "register_datasets",
     "command": "register_commands",
 }
 #: words a user may type for a kind.
@@ -127,6 +128,7 @@ INTERFACES = {
     "autoencoder": ("diffplug.components", "Autoencoder"),
     "process": ("diffplug.process", "Process"),
     "method": ("diffplug.method", "Method"),
+    "dataset": ("diffplug.datasets", "ImageDataset"),
 }
 
 
@@ -323,6 +325,11 @@ class Registry:
                 "use a qualified name"
             )
         raise UnknownComponentError(self._unknown_message(kind, bare if sep else name))
+
+    def sharing(self, kind: str, name: str) -> list[Entry]:
+        """Every entry registered under the bare ``name`` (more than one: plugins collide on
+        it, and only ``plugin:name`` picks one)."""
+        return list(self._by_kind[resolve_kind(kind)].get(name, []))
 
     def load(self, kind: str, name: str) -> Any:
         """The component ``name`` registers, imported once per registry (every checkpoint

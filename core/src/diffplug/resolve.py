@@ -80,11 +80,42 @@ def default_model(registry: Registry, scheduler: Any) -> str:
     return find_default_model(registry, scheduler)[1]
 
 
+def intended(entries: list[Entry]) -> Entry:
+    """Of the models several plugins register under one name, the one the default path
+    means: core's; else one whose checkpoint holds its own plugin's component (the weights'
+    author, not a re-registration by another plugin); then one in diffplug's own namespace
+    (``diffplug-*``); then by distribution name."""
+
+    def own(entry: Entry) -> bool:
+        try:
+            return read_metadata(entry.load())["plugin"] == entry.dist
+        except Exception:  # unreadable: not the intended one (reported if it is tried)
+            return False
+
+    return min(entries, key=lambda e: (e.dist != CORE_DIST, not own(e),
+                                       not e.dist.startswith(CORE_DIST + "-"), e.dist))  # fmt: skip
+
+
+def recorded_name(registry: Registry, name: str) -> str:
+    """A model or autoencoder name a checkpoint records, as this registry must read it: a
+    bare name several plugins register stands for ``intended``'s (by its qualified name),
+    so a third-party model named like a shipped one breaks nothing that records it."""
+    if is_path(name):
+        return name
+    shared = registry.sharing("pretrained", name)
+    return intended(shared).qualified if len(shared) > 1 else name
+
+
 def find_default_model(registry: Registry, scheduler: Any) -> tuple[str, str]:
     """(file path, name) of the first installed pretrained unconditional model the sampler
-    can run (said on stderr)."""
+    can run (said on stderr). A name several plugins register stands for one of them
+    (``intended``), taken by its qualified name with a warning naming them all; the others
+    are never a default."""
     reasons = []
     for entry in pretrained_order(registry):
+        shared = registry.sharing("pretrained", entry.name)
+        if len(shared) > 1 and entry != intended(shared):
+            continue
         try:
             path = entry.load()
             meta = read_metadata(path)
@@ -95,9 +126,17 @@ def find_default_model(registry: Registry, scheduler: Any) -> tuple[str, str]:
         if meta["kind"] != "denoiser" or meta["config"].get("conditioning") not in (None, "none"):
             continue
         if scheduler.supports(process) is None:
+            name = entry.qualified if len(shared) > 1 else entry.name
             if os.environ.get("RANK", "0") == "0":
-                print(f"diffplug: using model {entry.name} ({entry.dist})", file=sys.stderr)
-            return path, entry.name
+                if len(shared) > 1:
+                    print(
+                        f"diffplug: warning: pretrained {entry.name!r} is registered by several "
+                        f"plugins ({', '.join(e.dist for e in shared)}); the default is {name}; "
+                        f"choose with --model PLUGIN:{entry.name}",
+                        file=sys.stderr,
+                    )
+                print(f"diffplug: using model {name} ({entry.dist})", file=sys.stderr)
+            return path, name
     names = ", ".join(e.name for e in registry.entries("pretrained")) or "none installed"
     unreadable = f"; unreadable: {'; '.join(reasons)}" if reasons else ""
     raise IncompatibleError(
@@ -111,6 +150,7 @@ __all__ = [
     "build_scheduler",
     "default_model",
     "find_default_model",
+    "intended",
     "load_model",
     "model_path",
     "parse_extra_options",

@@ -30,7 +30,7 @@ from diffplug.options import build_config, describe
 from diffplug.output import read_recipe, to_unit
 from diffplug.pipeline import configure
 from diffplug.registry import Entry, Registry, default_registry
-from diffplug.resolve import find_default_model, model_path
+from diffplug.resolve import find_default_model, model_path, recorded_name
 from diffplug.samples import Samples
 from diffplug.sampling import Loop, Step, prepare
 from diffplug.transforms import THRESHOLDS, thresholds
@@ -188,6 +188,8 @@ class Run:
             choices = ", ".join(THRESHOLDS)
             raise OptionError(f"threshold must be one of {choices}; got {threshold!r}")
         self.percentile = DEFAULT_PERCENTILE if percentile is None else float(percentile)
+        if not 0 < self.percentile <= 1:  # NaN too: click's range lets it through
+            raise OptionError(f"percentile must be in (0, 1]; got {percentile!r}")
         self.steps = self.scheduler.default_steps if steps is None else steps
         try:
             self.loop: Loop = prepare(
@@ -225,8 +227,8 @@ class Run:
         if not scheduler.walks_noise_levels:
             raise IncompatibleError(
                 f"sampler {scheduler.name!r} chooses its own steps and walks no schedule's "
-                "noise levels: drop --schedule (samplers that take one: ddim, ddpm and the "
-                "noise-level samplers; `diffplug list samplers`)"
+                "noise levels: drop --schedule (`diffplug list samplers` shows which samplers "
+                "take one)"
             )
         entry = self.registry.get("schedule", name)
         cls = entry.load()
@@ -252,7 +254,7 @@ class Run:
         record = getattr(self.denoiser, "checkpoint_extra", {}).get("autoencoder")
         if source is None and record is None:
             return None, None
-        name = source if source is not None else record["source"]
+        name = source if source is not None else recorded_name(self.registry, record["source"])
         try:
             self._autoencoder_path, _ = model_path(self.registry, name)
             autoencoder = load_component(self._autoencoder_path, kind="autoencoder",
@@ -292,6 +294,7 @@ class Run:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         images: str | os.PathLike[str] | Sequence[torch.Tensor] | None = None,
         batch_size: int | None = None,
         callback: Callable[[Step], None] | None = None,
@@ -299,31 +302,39 @@ class Run:
     ) -> Samples:
         """Draw samples; sample k uses ``seeds[k]`` (default ``seed + k``) and is the same
         whatever ``batch_size``. ``prompt`` (one for all, or a list, cycled) for a text model;
-        ``images`` (a folder, a samples ``.safetensors``, or tensors in [-1, 1]) for an
-        image-conditional one. ``n`` defaults to one per prompt, else one per seed, else 1."""
+        ``negative_prompt`` (the same) replaces the empty prompt of guidance's unconditional
+        half (refused unguided, where it would change nothing); ``images`` (a folder, a
+        samples ``.safetensors``, or tensors in [-1, 1]) for an image-conditional one. ``n``
+        defaults to one per prompt, else one per seed, else 1."""
         seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
+        negative = (_prompts(negative_prompt) if negative_prompt is not None
+                    else self.defaults.get("negative_prompts"))  # fmt: skip
         if images is None:
             images = self.defaults.get("condition_images")
+        negatives = self.negatives(len(seeds), negative)  # refused first: cheap to check
         conditions = self.conditions(len(seeds), prompts, images)
-        x = self.draw(seeds, conditions, batch_size=batch_size, callback=callback,
-                      progress=progress)  # fmt: skip
-        return Samples(to_unit(x), self.recipe_for(seeds, prompts, images, len(seeds)))
+        x = self.draw(seeds, conditions, negatives=negatives, batch_size=batch_size,
+                      callback=callback, progress=progress)  # fmt: skip
+        recipe = self.recipe_for(seeds, prompts, images, len(seeds), negative)
+        return Samples(to_unit(x), recipe)
 
     def draw(
         self,
         seeds: Sequence[int],
         conditions: Sequence[Any] | None = None,
         *,
+        negatives: Sequence[str] | None = None,
         batch_size: int | None = None,
         callback: Callable[[Step], None] | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
         """Samples in the data range [-1, 1] (on the run's device) for ``seeds``, one
-        condition input per seed: the building block of ``sample``, pipelines and torchrun."""
+        condition input (and, guided, optionally one negative prompt: ``negatives``) per
+        seed: the building block of ``sample``, pipelines and torchrun."""
         if not seeds:
             return torch.zeros((0, *self.image_shape), device=self.device)
-        return self.loop.draw(seeds, conditions, batch_size=batch_size, callback=callback,
-                              progress=progress)  # fmt: skip
+        return self.loop.draw(seeds, conditions, negatives=negatives, batch_size=batch_size,
+                              callback=callback, progress=progress)  # fmt: skip
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -371,6 +382,30 @@ class Run:
                 raise UserError("no condition images given")
             return [items[k % len(items)] for k in range(n)]
         return None
+
+    def negatives(self, n: int, negative_prompts: list[str] | None) -> list[str] | None:
+        """One negative prompt per sample (cycled), or None for none. Refused for a model
+        that is not text-conditional, or when guidance is off: there is no unconditional
+        half for it to replace, so it would change nothing."""
+        if not negative_prompts:
+            return None
+        label = self.model_name
+        if self.conditioning != "text":
+            raise UserError(
+                f"--negative-prompt: model {label} is not text-conditional (a negative prompt "
+                "replaces the empty prompt of guidance's unconditional half)"
+            )
+        if not self.loop.guided:
+            raise UserError(
+                f"--negative-prompt: guidance is off (--guidance {self.guidance:g}), so a "
+                "negative prompt would change nothing; pass --guidance W with W != 1 (e.g. 3)"
+            )
+        for p in negative_prompts:
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8, escaped by the shell
+                raise UserError(f"negative prompt {p!r} is not valid UTF-8 text") from None
+        return [negative_prompts[k % len(negative_prompts)] for k in range(n)]
 
     @property
     def conditioner_name(self) -> str | None:
@@ -442,12 +477,21 @@ class Run:
         }
 
     def recipe_for(
-        self, seeds: Sequence[int], prompts: list[str] | None, images: Any, n: int
+        self,
+        seeds: Sequence[int],
+        prompts: list[str] | None,
+        images: Any,
+        n: int,
+        negative_prompts: list[str] | None = None,
     ) -> dict[str, Any]:
-        """The run's recipe with what one ``sample`` call drew: seeds, prompts, inputs."""
+        """The run's recipe with what one ``sample`` call drew: seeds, prompts, negative
+        prompts, inputs."""
         recipe = {**self.recipe, "seeds": list(seeds)}
         if prompts:
             recipe["prompts"] = [prompts[k % len(prompts)] for k in range(n)]
+        if negative_prompts:
+            recipe["negative_prompts"] = [negative_prompts[k % len(negative_prompts)]
+                                          for k in range(n)]  # fmt: skip
         if isinstance(images, str | os.PathLike):
             recipe["condition_images"] = os.fspath(images)
         elif images is not None:
@@ -493,10 +537,16 @@ class PipelineRun:
         seed: int = 0,
         seeds: Sequence[int] | None = None,
         prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         batch_size: int | None = None,
         progress: bool = True,
     ) -> Samples:
         """The final stage's images; ``Samples.stages`` holds every stage's, base first."""
+        if negative_prompt is not None:
+            raise UserError(
+                "negative_prompt goes with a single text model; a pipeline's stages guide "
+                "with the empty prompt"
+            )
         seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
         cycled = [prompts[k % len(prompts)] for k in range(len(seeds))] if prompts else None
         stages = self.pipeline.run(prompts=cycled, seeds=seeds, batch_size=batch_size or 64,
@@ -531,7 +581,8 @@ def _replay(
     device: str | torch.device | None,
     allow_different: bool,
 ) -> Run | PipelineRun:
-    """The run a recipe describes, with its seeds and prompts as ``sample()``'s defaults."""
+    """The run a recipe describes, with its seeds, prompts and negative prompts as
+    ``sample()``'s defaults."""
     recipe = source if isinstance(source, dict) else read_recipe(source)
     label = "recipe" if isinstance(source, dict) else f"recipe {os.fspath(source)}"
     if recipe.get("format") != RECIPE_FORMAT:
@@ -575,7 +626,8 @@ def _replay(
             strict_options=False,
             chunk=recipe.get("chunk", 0),
         )
-    run.defaults = {k: recipe[k] for k in ("seeds", "prompts", "condition_images")
+    run.defaults = {k: recipe[k] for k in ("seeds", "prompts", "negative_prompts",
+                                           "condition_images")
                     if recipe.get(k) is not None}  # fmt: skip
     return run
 

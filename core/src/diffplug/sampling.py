@@ -20,11 +20,13 @@ from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Schedu
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
 from diffplug.latent import check_autoencoder, is_pixel_space
 from diffplug.noise import NoiseSource
-from diffplug.plan import Plan
+from diffplug.plan import MAX_STEPS, Plan
 from diffplug.prediction import Linear, as_tuple, linear
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 #: rows per denoiser call on the CPU: fixed, so samples do not depend on the batch size.
+#: rows per denoiser call: beyond any batch a CPU can hold, the padding alone would be huge
+MAX_CHUNK = 65_536
 #: 64 is the CLI's default batch, so the usual run pays nothing (chunks of 16 cost 2.1x there:
 #: four calls' overhead on a small UNet); smaller batches are padded to it
 DEFAULT_CHUNK = 64
@@ -154,6 +156,7 @@ def sample(
     batch_size: int | None = None,
     conditioner: Conditioner | None = None,
     conditions: Sequence[Any] | None = None,
+    negatives: Sequence[Any] | None = None,
     guidance: float = 1.0,
     autoencoder: Autoencoder | None = None,
     transforms: Sequence[Transform] = (),
@@ -170,9 +173,11 @@ def sample(
     Returns images (N, C, H, W) in the data range (decoded when ``autoencoder`` is given).
     ``conditions`` holds one input per sample for ``conditioner``; with ``guidance != 1``
     the conditional and unconditional halves run in one batched call and are combined as
-    ``uncond + guidance * (cond - uncond)``. ``transforms`` (thresholding) change x0_hat at
-    every step and eps_hat is re-derived from it, eps_hat = (x_t - alpha*x0_hat)/sigma, so the
-    step stays consistent with x_t (Imagen's semantics; diffusers' ``use_clipped_model_output``):
+    ``uncond + guidance * (cond - uncond)``; ``negatives`` (one negative prompt per sample,
+    guided only) replace the null condition of that unconditional half. ``transforms``
+    (thresholding) change x0_hat at every step and eps_hat is re-derived from it,
+    eps_hat = (x_t - alpha*x0_hat)/sigma, so the step stays consistent with x_t (Imagen's
+    semantics; diffusers' ``use_clipped_model_output``):
     keeping the network's eps_hat next to a clipped x0_hat collapses DDIM at high guidance. A
     sampler's own transforms (its ``--clip-sample``) keep eps_hat, as its reference does.
     ``noise(seeds, shape, noisy_steps)`` may replace the per-sample generators (for tests
@@ -187,8 +192,9 @@ def sample(
     loop = prepare(denoiser, scheduler, steps=steps, conditioner=conditioner,
                    guidance=guidance, autoencoder=autoencoder, transforms=transforms,
                    device=device, dtype=dtype, chunk=chunk)  # fmt: skip
-    return loop.draw(seeds, conditions, batch_size=batch_size, callback=callback,
-                     progress=progress, check_finite=check_finite, noise=noise)  # fmt: skip
+    return loop.draw(seeds, conditions, negatives=negatives, batch_size=batch_size,
+                     callback=callback, progress=progress, check_finite=check_finite,
+                     noise=noise)  # fmt: skip
 
 
 def prepare(
@@ -206,8 +212,12 @@ def prepare(
 ) -> Loop:
     """Everything done once per run, before any step: the compatibility check, the plan,
     the model view (bridge), the folded tables, the model's times and one preflight call."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise UserError(f"steps must be a positive integer; got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps <= MAX_STEPS:
+        raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}; got {steps!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or not 0 <= chunk <= MAX_CHUNK):  # fmt: skip
+        raise UserError(f"chunk must be a whole number of rows from 0 (off) to {MAX_CHUNK}; "
+                        f"got {chunk!r}")  # fmt: skip
     process = planning_process(scheduler, denoiser.process)  # the model's, or bridged to it
     check_autoencoder(denoiser, autoencoder)
     check_conditioning(denoiser, conditioner)
@@ -232,8 +242,6 @@ def prepare(
         exact = getattr(denoiser, "batch_invariant", False)
         small = sum(p.numel() for p in denoiser.parameters()) <= CHUNK_MAX_PARAMETERS
         chunk = DEFAULT_CHUNK if device.type == "cpu" and small and not exact else 0
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise UserError(f"chunk must be a whole number of rows (0: off); got {chunk!r}")
     return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,
                 conditioner, autoencoder, sum(plan.noisy(i) for i in range(len(plan))),
                 device, dtype, chunk)  # fmt: skip
@@ -264,17 +272,30 @@ class Loop:
         seeds: Sequence[int],
         conditions: Sequence[Any] | None = None,
         *,
+        negatives: Sequence[Any] | None = None,
         batch_size: int | None = None,
         callback: Callable[[Step], None] | None = None,
         progress: bool = False,
         check_finite: bool = True,
         noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None = None,
     ) -> torch.Tensor:
-        """``len(seeds)`` samples in the data range, sample k seeded by ``seeds[k]``."""
+        """``len(seeds)`` samples in the data range, sample k seeded by ``seeds[k]``, under
+        ``conditions[k]`` and, guided, ``negatives[k]`` (a negative prompt) in place of the
+        null condition."""
         if not seeds:
             raise UserError("nothing to sample: no seeds given")
         if conditions is not None and len(conditions) != len(seeds):
             raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
+        if negatives is not None:
+            if not self.guided:
+                raise UserError(
+                    "a negative prompt replaces guidance's unconditional half, but this run "
+                    "is not guided (guidance 1, or no conditioner): it would change nothing"
+                )
+            if len(negatives) != len(seeds):
+                raise UserError(f"{len(negatives)} negative prompts for {len(seeds)} samples")
+        # every input of the draw, for conditioners whose conditions vary in length (align)
+        everything = [*(conditions or ()), *(negatives or ())]
         conditioner, denoiser, n = self.conditioner, self.denoiser, len(self.plan)
         batch_size = batch_size or len(seeds)
         batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -284,18 +305,20 @@ class Loop:
         was_training = denoiser.training
         denoiser.eval()
         out = []
-        bar = tqdm(total=n * len(batches) * len(variants), disable=not progress,
-                   desc="sampling", unit="step", file=sys.stderr, leave=False)  # fmt: skip
+        total = self.plan.step_count() * len(batches) * len(variants)  # steps, not calls
+        bar = tqdm(total=total, disable=not progress, desc="sampling", unit="step",
+                   file=sys.stderr, leave=False)  # fmt: skip
         try:
             with torch.inference_mode():
                 start = 0
                 for batch_seeds in batches:
                     size = len(batch_seeds)
                     inputs = _inputs(conditioner, conditions, start, size)
+                    against = None if negatives is None else list(negatives[start : start + size])
                     best, best_score = None, None
                     for variant in variants:  # one, unless the conditioner sweeps (best of)
                         cond, null = _conditioning(variant, inputs, batch_seeds, self.guided,
-                                                   self.chunk)  # fmt: skip
+                                                   self.chunk, against, everything)  # fmt: skip
                         x = batch.run(batch_seeds, cond, null, bar.update if progress else None)
                         # NaN/Inf from the denoiser propagates into x: one check per batch, no
                         # per-step sync. Only on failure is the batch replayed (same seeds) to
@@ -395,7 +418,7 @@ class _Batch:
                 if self.callback is not None:
                     self.callback(Step(i, len(plan), float(plan.t[i]), x_next, x0, seeds))
             x = x_next
-            if tick is not None:
+            if tick is not None and plan.ends_step(i):
                 tick(1)
         return x
 
@@ -484,19 +507,36 @@ def _conditioning(
     seeds: Sequence[int],
     guided: bool,
     chunk: int = 0,
+    negatives: list[Any] | None = None,
+    everything: Sequence[Any] = (),
 ) -> tuple[Cond, Cond]:
-    """Conditions (and null conditions) of a batch, made ``chunk`` inputs at a time so a text
-    encoder's numbers do not depend on the batch either."""
+    """Conditions and, guided, the unconditional half's conditions of a batch, made ``chunk``
+    inputs at a time so a text encoder's numbers do not depend on the batch either.
+
+    The unconditional half is the conditioner's ``null`` or, given ``negatives`` (one
+    negative prompt per sample), their encoding by ``condition``, exactly as a prompt is
+    encoded: the only place either is built, for every sampler. All parts then go through
+    the conditioner's ``align`` (``everything``: the draw's inputs) so that they concatenate."""
     if conditioner is None or inputs is None:
         return None, None
     step = chunk or len(inputs)
-    parts = [conditioner.condition(inputs[k : k + step], seeds[k : k + step])
-             for k in range(0, len(inputs), step)]  # fmt: skip
-    cond = _join(parts)
+    starts = range(0, len(inputs), step)
+    parts = [conditioner.condition(inputs[k : k + step], seeds[k : k + step]) for k in starts]
     if not guided:
-        return cond, None
-    nulls = [conditioner.null(len(inputs[k : k + step])) for k in range(0, len(inputs), step)]
-    return cond, _join(nulls)
+        return _join(_align(conditioner, parts, everything)), None
+    if negatives is not None:
+        nulls = [conditioner.condition(negatives[k : k + step], seeds[k : k + step])
+                 for k in starts]  # fmt: skip
+    else:
+        nulls = [conditioner.null(len(inputs[k : k + step])) for k in starts]
+    aligned = _align(conditioner, [*parts, *nulls], everything)
+    return _join(aligned[: len(parts)]), _join(aligned[len(parts) :])
+
+
+def _align(conditioner: Conditioner, parts: list[Cond], everything: Sequence[Any]) -> list[Cond]:
+    """``conditioner.align`` (a duck-typed conditioner without it: the parts as they are)."""
+    align = getattr(conditioner, "align", None)
+    return list(parts) if align is None else align(parts, everything)
 
 
 def _join(parts: list[Cond]) -> Cond:

@@ -21,12 +21,16 @@ import torch
 from diffplug.components import Schedule
 from diffplug.errors import UserError
 from diffplug.options import option
+from diffplug.plan import MAX_STEPS
 from diffplug.process import Process
 from diffplug.vp import SPACINGS, VP, spaced_timesteps
 
 F64 = torch.float64
 #: grid size for a continuous process's table (ComfyUI's discrete models have 1000)
 CONTINUOUS_GRID = 1000
+#: the noise levels --sigma-min/--sigma-max may name: far beyond any model's (DDPM's run
+#: 0.01 to 157), near enough that logs, squares and ratios of them stay finite
+LEVEL_RANGE = (1e-8, 1e8)
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,10 @@ class NoiseTable:
         levels = sigma / alpha
         lo = float(levels[0]) if sigma_min is None else float(sigma_min)
         hi = float(levels[-1]) if sigma_max is None else float(sigma_max)
-        if not (0 < lo < hi and math.isfinite(hi)):
+        if not (LEVEL_RANGE[0] <= lo < hi <= LEVEL_RANGE[1]):
             raise UserError(
-                f"noise range {lo:g} .. {hi:g}: need 0 < --sigma-min < --sigma-max, finite"
+                f"noise range {lo:g} .. {hi:g}: need {LEVEL_RANGE[0]:g} <= --sigma-min < "
+                f"--sigma-max <= {LEVEL_RANGE[1]:g}"
             )
         return cls(process, times, levels, lo, hi)
 
@@ -84,8 +89,8 @@ class TableSchedule(Schedule):
 
     def levels(self, process: Process, steps: int, sigma_min: float | None = None,
                sigma_max: float | None = None) -> torch.Tensor:  # fmt: skip
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"steps must be a positive integer; got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps <= MAX_STEPS:
+            raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}; got {steps!r}")
         table = NoiseTable.of(process, sigma_min, sigma_max)
         out = torch.as_tensor(self.compute(table, steps), dtype=F64)
         return check_levels(out, self.name or type(self).__name__)

@@ -7,9 +7,13 @@ Layout of an output directory::
     state-<step>/              raw weights, optimizer, RNG (safetensors) and state.json
     latest                     the name of the newest complete state directory
 
-A state directory is complete before ``latest`` (written atomically) names it, so a crash
-at any moment leaves a resumable run. Every random draw comes from one generator whose state
-is saved, so N steps in one run equal N/2 steps, a resume, and N/2 more.
+A state directory is complete and durable (every file fsynced, renamed into place) before
+``latest`` (written atomically) names it, ``model.safetensors`` is written after ``latest``
+and older states are removed last, so a crash or power loss at any moment leaves a resumable
+run; a full disk is one error line naming the checkpoint that still stands, and what a
+killed write left behind (``.tmp-state-N/``, temporary files) goes at the next run. Every
+random draw comes from one generator whose state is saved, so N steps in one run equal N/2
+steps, a resume, and N/2 more.
 
 The model is a denoiser unless the method trains another kind (``Method.trains``, e.g. an
 autoencoder): the loop is the same, model.safetensors records that kind (an autoencoder's is
@@ -20,8 +24,11 @@ conditioners and class labels are denoiser-only.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import sys
@@ -36,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffplug import distributed
-from diffplug.atomic import atomic_path, atomic_write
+from diffplug.atomic import atomic_path, atomic_write, fsync_dir, report_removed, stale_temp_files
 from diffplug.checkpoint import CONDITIONER_PREFIX, identify, load_tensors, save_component
 from diffplug.components import Autoencoder, Conditioner, Denoiser
 from diffplug.data import Dataset
@@ -138,6 +145,7 @@ class Trainer:
 
             self.forward = _Forward(self.model, DistributedDataParallel(self.model))
         self.step = 0
+        self._writing = Path()  # the file a checkpoint write is at (named if it fails)
         bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )
@@ -212,38 +220,93 @@ class Trainer:
         return state
 
     def save(self, out: Path, extra: dict[str, Any]) -> None:
-        """Write a complete state directory, then point ``latest`` at it (rank 0 writes
-        everything but each rank's own RNG state)."""
-        from safetensors.torch import save_file
+        """Write a complete state directory, then point ``latest`` at it, then the EMA model,
+        then remove the older states (rank 0 writes everything but each rank's own RNG state).
 
+        Every file is fsynced, the directory renamed into place and ``out`` fsynced before
+        ``latest`` names it, and ``latest`` is durable before any older state is removed: at
+        any moment, power loss included, ``latest`` names a complete state and
+        ``model.safetensors`` is never newer than it. A step whose state ``latest`` already
+        names is not written again (the only complete state is never replaced in place). A
+        write that fails (disk full) removes its partial state and raises ``UserError``
+        naming the last complete checkpoint."""
         state_dir = out / f"state-{self.step:08d}"
         tmp_dir = out / f".tmp-state-{self.step:08d}"
+        if latest_state(out) == state_dir.name:  # every rank reads the same file
+            if self.rank == 0 and model_step(out) != self.step:  # a write died before it
+                self._guarded(out, lambda: self.save_model(out, extra))
+                _rotate(out, state_dir.name)
+            distributed.barrier()
+            return
+        self._guarded(out, lambda: self._write_state(out, state_dir, tmp_dir, extra), tmp_dir)
+        distributed.barrier()
+
+    def _write_state(
+        self, out: Path, state_dir: Path, tmp_dir: Path, extra: dict[str, Any]
+    ) -> None:
+        from safetensors.torch import save_file
+
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir()
         distributed.barrier()
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        save_file(rng, str(tmp_dir / f"rng-{self.rank}.safetensors"))
+        self._file(tmp_dir / f"rng-{self.rank}.safetensors", lambda p: save_file(rng, str(p)))
         distributed.barrier()
-        if self.rank == 0:
-            save_component(self.model, out / "model.safetensors", kind=self.kind,
-                           tensors=self.ema_state(), extra=extra)  # fmt: skip
-            save_file(_contiguous(self.raw_state()), str(tmp_dir / "raw.safetensors"))
-            save_file(_contiguous(dict(enumerate(self.ema))), str(tmp_dir / "ema.safetensors"))  # type: ignore[arg-type]
-            opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
-            save_file(opt_tensors, str(tmp_dir / "optimizer.safetensors"))
-            (tmp_dir / "state.json").write_text(json.dumps(
-                {"step": self.step, "world": self.world, "train": dataclasses.asdict(self.config),
-                 "optimizer": opt_meta, "model": dataclasses.asdict(self.model.config)},
-                indent=1))  # fmt: skip
-            shutil.rmtree(state_dir, ignore_errors=True)
-            tmp_dir.rename(state_dir)
-            atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))
-            for old in out.glob("state-*"):
-                if old.name != state_dir.name:
-                    shutil.rmtree(old, ignore_errors=True)
-        distributed.barrier()
+        if self.rank != 0:
+            return
+        raw, ema = _contiguous(self.raw_state()), _contiguous(dict(enumerate(self.ema)))
+        self._file(tmp_dir / "raw.safetensors", lambda p: save_file(raw, str(p)))
+        self._file(tmp_dir / "ema.safetensors", lambda p: save_file(ema, str(p)))
+        opt_tensors, opt_meta = _flatten_optimizer(self.opt.state_dict())
+        self._file(tmp_dir / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
+        text = json.dumps(
+            {"step": self.step, "world": self.world, "train": dataclasses.asdict(self.config),
+             "optimizer": opt_meta, "model": dataclasses.asdict(self.model.config)},
+            indent=1)  # fmt: skip
+        self._file(tmp_dir / "state.json", lambda p: p.write_text(text))
+        fsync_dir(tmp_dir)
+        self._writing = state_dir
+        if state_dir.exists():  # a stale one (never what `latest` names: see save)
+            shutil.rmtree(state_dir)
+        tmp_dir.rename(state_dir)
+        fsync_dir(out)
+        self._writing = out / "latest"
+        atomic_write(out / "latest", lambda p: p.write_text(state_dir.name))  # fsyncs both
+        self.save_model(out, extra)  # after `latest`: never newer than the state it names
+        _rotate(out, state_dir.name)  # only now: the new state and its model are durable
+
+    def save_model(self, out: Path, extra: dict[str, Any]) -> None:
+        """Write the EMA model, ``out/model.safetensors`` (atomically, fsynced)."""
+        self._writing = out / "model.safetensors"
+        save_component(self.model, out / "model.safetensors", kind=self.kind,
+                       tensors=self.ema_state(), extra=extra)  # fmt: skip
+
+    def _file(self, path: Path, write: Callable[[Path], None]) -> None:
+        """``write(path)``, then fsync it: its bytes are on disk before anything names it."""
+        self._writing = path
+        write(path)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+    def _guarded(self, out: Path, write: Callable[[], None], tmp_dir: Path | None = None) -> None:
+        """Run ``write``; an OSError (a full disk, a vanished folder) removes the partial
+        state and becomes one ``UserError`` line naming the last complete checkpoint."""
+        self._writing = out
+        try:
+            write()
+        except OSError as exc:
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(_write_failure(exc, self._location(out), out)) from None
+
+    def _location(self, out: Path) -> str:
+        """The file being written, named where it lands (``state-N/x``, not the temp dir)."""
+        path = self._writing
+        if path.parent.name.startswith(".tmp-state-"):
+            return str(out / path.parent.name.removeprefix(".tmp-") / path.name)
+        return str(path)
 
     def load(self, out: Path) -> None:
         latest = out / "latest"
@@ -328,6 +391,83 @@ def check_guidance(model: Any, guidance: float) -> None:
         raise UserError(
             f"--guidance {guidance:g}: the model is unconditional; there is nothing to guide"
         )
+
+
+#: a state directory being written (``Trainer.save``): a killed run may leave one behind
+TEMP_STATE = re.compile(r"^\.tmp-state-\d{8}$")
+#: the files of an output directory that ``Trainer.save`` writes through ``atomic_path``
+ATOMIC_FILES = ("model.safetensors", "latest")
+
+
+def latest_state(out: Path) -> str | None:
+    """The state directory ``out/latest`` names, or None."""
+    try:
+        return (out / "latest").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def model_step(out: Path) -> int | None:
+    """The step ``out/model.safetensors`` records (None: missing or unreadable)."""
+    from diffplug.checkpoint import read_metadata
+
+    try:
+        step = read_metadata(out / "model.safetensors")["extra"].get("step")
+    except (UserError, OSError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what a killed checkpoint write left in ``out``: ``.tmp-state-N/`` folders and
+    the temporary files of ``model.safetensors`` and ``latest`` whose writer is dead. Says
+    so in one stderr line; never touches another file. Returns the names removed."""
+    if not out.is_dir():
+        return []
+    removed = []
+    for path in sorted(out.iterdir()):
+        if TEMP_STATE.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name + "/")
+    removed += [p.name for name in ATOMIC_FILES for p in stale_temp_files(out, name)
+                if _unlinked(p)]  # fmt: skip
+    if removed:
+        report_removed(out, removed)
+    return removed
+
+
+def _rotate(out: Path, keep: str) -> None:
+    """Remove every state directory but ``keep`` (the one ``latest`` durably names)."""
+    for old in out.glob("state-*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _unlinked(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def _write_failure(exc: OSError, location: str, out: Path) -> str:
+    """One line: what could not be written, why, and the checkpoint that still stands."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"no space left on device while writing {location}"
+    else:
+        what = f"cannot write {location}: {exc.strerror or exc}"
+    name = latest_state(out)
+    if name is None or not (out / name / "state.json").is_file():
+        return f"{what}; no checkpoint is complete yet"
+    try:
+        step = int(json.loads((out / name / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{what}; the last complete checkpoint is {out / name}"
+    return (
+        f"{what}; the last complete checkpoint is step {step} at {out / name} "
+        "(free space, then continue with --resume)"
+    )
 
 
 def conditioner_record(conditioner: Conditioner) -> dict[str, Any]:
@@ -436,8 +576,12 @@ def train(
     if config.guidance != 1.0:
         check_guidance(denoiser, config.guidance)
         extra["guidance"] = config.guidance
+    if trainer.rank == 0:
+        clean_stale(out)  # what a killed run's checkpoint write left behind
     if resume:
         trainer.load(out)
+        # the state `latest` names is on disk; its model too, unless a write died before it
+        trainer.save(out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra})
     losses: list[float] = []
     bar = tqdm(
         total=config.steps,
@@ -510,6 +654,7 @@ __all__ = [
     "atomic_path",
     "check_conditioner",
     "check_guidance",
+    "clean_stale",
     "conditioner_record",
     "lr_at",
     "train",

@@ -7,8 +7,12 @@ edit) through the entry point group ``diffplug``, with contract tests from
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -140,10 +144,12 @@ def new_plugin(name: str, parent: str) -> None:
         raise UserError(f"plugin name {name!r}: use lower-case letters, digits and '-'")
     name = name.removeprefix("diffplug-")
     root = Path(parent) / f"diffplug-{name}"
-    if root.exists():
+    if root.exists() or root.is_symlink():
         raise UserError(f"{root} exists; choose another name or --dir")
     if not Path(parent).is_dir():
         raise UserError(f"--dir {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--dir {parent} is not writable")
     module = "diffplug_" + name.replace("-", "_")
     major, minor = __version__.split(".")[:2]
     fill = {"name": name, "module": module, "major_minor": f"{major}.{minor}",
@@ -156,10 +162,33 @@ def new_plugin(name: str, parent: str) -> None:
         f"src/{module}/sampler.py": SAMPLER,
         f"tests/test_{module}.py": TESTS,
     }
-    for rel, template in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.format(**fill))
+    _write_tree(root, {rel: template.format(**fill) for rel, template in files.items()})
     print(
         f"diffplug: wrote {root}/ (pip install -e '{root}[test]' && pytest {root})", file=sys.stderr
     )
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into a hidden folder beside ``root``, then rename it to ``root``: a
+    failure (a full disk) leaves nothing, and a half-written package never has the name."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        for rel, text in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        os.chmod(tmp, 0o777 & ~_umask())  # not mkdtemp's 0700
+        os.rename(tmp, root)  # a root that appeared meanwhile with files: refused
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left on device while writing {root}/; nothing written"
+            ) from None
+        raise UserError(f"cannot write {root}/: {exc.strerror or exc}; nothing written") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

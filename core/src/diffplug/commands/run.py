@@ -32,6 +32,13 @@ from diffplug.errors import UserError
     help="text prompt; repeat for one per sample (cycled), or give one for all",
 )
 @click.option(
+    "--negative-prompt",
+    "negative_prompts",
+    multiple=True,
+    help="what to steer away from: encoded in place of the empty prompt of guidance's "
+    "unconditional half (needs --guidance != 1); repeat for one per sample (cycled)",
+)
+@click.option(
     "--guidance",
     type=float,
     default=None,
@@ -123,6 +130,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
     output = check_output_path(kw["output"], kw["overwrite"], folders=True)
     extra = parse_extra_options(list(ctx.args))
     prompts = list(kw["prompts"])
+    negatives = list(kw["negative_prompts"])
     if kw["guidance"] is not None and not math.isfinite(kw["guidance"]):
         raise UserError("--guidance must be a finite number")
     if kw["recipe"] is not None:
@@ -130,6 +138,8 @@ def run(ctx: click.Context, **kw: Any) -> None:
         given += [f"--{k.replace('_', '-')}" for k in extra]
         if prompts:
             given.append("--prompt")
+        if negatives:
+            given.append("--negative-prompt")
         if given:
             raise UserError(
                 f"--recipe fixes the whole run; do not also give {', '.join(given)} "
@@ -143,6 +153,11 @@ def run(ctx: click.Context, **kw: Any) -> None:
                 "--pipeline runs its own stages: --sampler, --model, --schedule, --conditioner "
                 "and --condition-images are its options (`diffplug info PIPELINE`)"
             )
+        if negatives:
+            raise UserError(
+                "--negative-prompt goes with a single text model (--model, --sampler); a "
+                "pipeline's stages guide with the empty prompt"
+            )
     else:
         if kw["save_stages"]:
             raise UserError("--save-stages needs --pipeline")
@@ -152,7 +167,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
             )
     kw["seed"] = kw["seed"] or 0
     stage_paths = _stage_paths(output, kw) if kw["save_stages"] else []
-    _sample(output, stage_paths, extra, prompts, kw)
+    _sample(output, stage_paths, extra, prompts, negatives, kw)
 
 
 #: flags a recipe already fixes
@@ -177,7 +192,7 @@ def _stage_paths(output: Path, kw: dict[str, Any]) -> list[Path]:
 
 def _sample(
     output: Path, stage_paths: list[Path], extra: dict[str, str], prompts: list[str],
-    kw: dict[str, Any],
+    negative: list[str], kw: dict[str, Any],
 ) -> None:  # fmt: skip
     """Load once, sample (sharded across torchrun's processes), write on rank 0."""
     import diffplug
@@ -217,6 +232,8 @@ def _sample(
     prompts = prompts or run.defaults.get("prompts") or []
     images = kw["condition_images"] or run.defaults.get("condition_images")
     seeds = list(run.defaults["seeds"]) if kw["recipe"] else _seeds(kw["seed"], n)
+    negative = negative or run.defaults.get("negative_prompts") or []
+    negatives = run.negatives(len(seeds), negative or None)  # refused first: cheap to check
     conditions = run.conditions(len(seeds), prompts or None, images)
     rank, size = distributed.world()
     with distributed.process_group(device):
@@ -225,6 +242,7 @@ def _sample(
         local = run.draw(
             mine,
             [conditions[index[s]] for s in mine] if conditions else None,
+            negatives=[negatives[index[s]] for s in mine] if negatives else None,
             batch_size=kw["batch_size"],
             progress=not quiet and rank == 0,
         )
@@ -233,7 +251,7 @@ def _sample(
         return
     from diffplug.output import to_unit
 
-    recipe = run.recipe_for(seeds, prompts or None, images, len(seeds))
+    recipe = run.recipe_for(seeds, prompts or None, images, len(seeds), negative or None)
     _write(Samples(to_unit(gathered), recipe), output, kw["overwrite"])
 
 

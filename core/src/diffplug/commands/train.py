@@ -1,4 +1,5 @@
-"""``diffplug train``: train a denoiser with a method's loss on the digits or a folder.
+"""``diffplug train``: train a denoiser with a method's loss on a registered data set
+(``--data digits``, a plugin's, `diffplug list datasets`) or a folder of images.
 
 A method that trains another kind (``Method.trains``, e.g. ``autoencoder``) gets its model
 from that registry kind; ``--denoiser`` then names that model.
@@ -23,11 +24,24 @@ from diffplug.errors import OptionError, UserError
     "`diffplug info lowres`).",
 )
 @click.option("--method", required=True, help="training method (`diffplug list methods`)")
-@click.option("--data", default="digits", show_default=True, help="'digits' or an image folder")
 @click.option(
-    "--size", type=click.IntRange(min=4, max=4096), default=8, show_default=True, help="pixels"
+    "--data",
+    default="digits",
+    show_default=True,
+    help="a data set (`diffplug list datasets`) or an image folder",
 )
-@click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True)
+@click.option(
+    "--size",
+    type=click.IntRange(min=4, max=4096),
+    default=None,
+    help="pixels  [default: the data set's; a folder's: 8]",
+)
+@click.option(
+    "--channels",
+    type=click.Choice(["1", "3"]),
+    default=None,
+    help="[default: the data set's; a folder's: 1]",
+)
 @click.option(
     "--denoiser",
     default=None,
@@ -77,17 +91,15 @@ def train(ctx: click.Context, **kw: Any) -> None:
 
 def _check_out(out: Path) -> None:
     """--out must be a directory we can write, checked before any step (not when the first
-    checkpoint is due, which loses the run); stale temp folders of a killed run go."""
+    checkpoint is due, which loses the run); what a killed run's checkpoint write left
+    behind is removed (and said) by the training loop (``training.clean_stale``)."""
     import os
-    import shutil
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {parent} is not writable")
-    for stale in out.glob(".tmp-state-*") if out.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _no_default_model(registry: Any, method: str, kind: str) -> str:
@@ -163,7 +175,10 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         {**groups["loop"], "steps": kw["steps"], "batch_size": kw["batch_size"]},
         owner="train",
     )
-    data = load_data(kw["data"], kw["size"], "train", int(kw["channels"]))
+    channels = int(kw["channels"]) if kw["channels"] is not None else None
+    data = load_data(kw["data"], kw["size"], "train", channels, registry)
+    # unset --size / --channels: the data's own
+    kw["size"], kw["channels"] = int(data.images.shape[-1]), str(int(data.images.shape[1]))
     # the data's shape goes to a model that has these options (every denoiser does)
     shape = {"channels": int(kw["channels"]), "size": kw["size"]}
     latent_record = None
@@ -218,7 +233,13 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     )
     extra = {
         "method": {"name": kw["method"], **dataclasses.asdict(method.config)},
-        "data": {"spec": kw["data"], "size": kw["size"], "images": len(data)},
+        "data": {
+            "spec": kw["data"],
+            "size": kw["size"],
+            "channels": int(kw["channels"]),
+            "images": len(data),
+            **data.source,  # a registered data set: its name, plugin, version, split, license
+        },
         "command": " ".join(["diffplug", "train", *sys.argv[2:]]),
         **({"autoencoder": latent_record} if latent_record is not None else {}),
     }

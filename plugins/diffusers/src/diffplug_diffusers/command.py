@@ -6,6 +6,7 @@ The checkpoint is an ordinary diffplug denoiser file (``diffusers-unet``): ``dif
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def import_diffusers(
     diffplug checkpoint. Safetensors weights only; nothing is downloaded."""
     from diffplug import check_output_path, save_component
 
+    _refuse_writing_into_the_source(output, folder)
     check_output_path(output, overwrite, {".safetensors": "a checkpoint"})
     from diffplug_diffusers.unet import DiffusersUNet, load_unet, read_folder, resolve_process
 
@@ -70,7 +72,12 @@ def import_diffusers(
     if note:
         click.echo(f"diffplug: note: {note}", err=True)
     model = DiffusersUNet.from_unet(load_unet(found), prediction=kind, process=spec)
-    save_component(model, output, kind="denoiser", extra=found.extra())  # atomic
+    try:
+        save_component(model, output, kind="denoiser", extra=found.extra())  # atomic
+    except OSError as exc:  # a full disk: the temporary file is gone, the target untouched
+        from diffplug import UserError
+
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}; nothing written") from None
     shape = "x".join(map(str, model.sample_shape))
     print(
         f"diffplug: wrote {output} ({found.unet_class} {shape}, {kind} prediction, "
@@ -78,3 +85,15 @@ def import_diffusers(
         f"{', ' + model.conditioning + '-conditional' if model.conditioning else ''})",
         file=sys.stderr,
     )
+
+
+def _refuse_writing_into_the_source(output: Path, folder: Path) -> None:
+    """An output that is an existing file of the source folder (its weights, through a
+    symlink too) would replace what is being imported: refused, even with --overwrite."""
+    from diffplug import UserError
+
+    real, source = Path(os.path.realpath(output)), Path(os.path.realpath(folder))
+    if real.is_file() and real.is_relative_to(source):
+        raise UserError(
+            f"output {output} is one of this import's inputs (a file of {folder}); write elsewhere"
+        )

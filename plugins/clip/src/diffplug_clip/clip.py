@@ -1,0 +1,295 @@
+"""A frozen CLIP text encoder as the text conditioner: Stable Diffusion's conditioning.
+
+Loads transformers' ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) and
+``CLIPTokenizer`` from a local folder the user names (``--clip-path DIR``: a
+``save_pretrained`` folder, or a Stable Diffusion folder with ``text_encoder/`` and
+``tokenizer/``); nothing is downloaded and pickle weights are refused.
+
+A prompt is read in SD's 77-token window: BOS, up to 75 tokens, EOS, padded with the
+tokenizer's pad token (EOS for SD 1.x) to 77. The condition is ``{"text": (B, 77*W, D)}``,
+the hidden state of the last layer (``--clip-skip 1``) or of the layer N - 1 before it,
+through the final layer norm (``--clip-skip N``, as diffusers' ``clip_skip=N-1`` and A1111's
+"clip skip N"). A longer prompt is split into W windows of 75 tokens, each with its own BOS
+and EOS, encoded apart and concatenated along the sequence (A1111, compel), or refused
+(``--long-prompt refuse``); it is never cut. Conditions with fewer windows than others they
+meet (a short prompt beside a long one, guidance's null condition, a negative prompt) are
+padded with the empty prompt's window (``align``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffplug import Cond, Conditioner, UserError, option
+
+#: tokens of one window: BOS + 75 + EOS (SD's context length)
+WINDOW = 77
+#: prompt tokens per window
+PER_WINDOW = WINDOW - 2
+
+
+@dataclass
+class CLIPConfig:
+    clip_path: str = option(
+        "",
+        "local folder with a CLIP text encoder (safetensors) and its tokenizer, saved with "
+        "save_pretrained, or a Stable Diffusion folder holding text_encoder/ and tokenizer/; "
+        "nothing is downloaded",
+    )
+    clip_skip: int = option(
+        1,
+        "the layer whose hidden state conditions: 1 the last (SD 1.x), 2 the penultimate "
+        "(SD 2.x, A1111's clip skip 2); the final layer norm is applied to it",
+        min=1,
+    )
+    long_prompt: str = option(
+        "split",
+        "a prompt over 75 tokens: split into 75-token windows, each with its own BOS and EOS, "
+        "encoded apart and concatenated (A1111, compel), or refuse it",
+        choices=("split", "refuse"),
+    )
+
+
+class CLIPConditioner(Conditioner):
+    """Prompts -> ``{"text": (B, 77*W, D)}``, W the number of 75-token windows (1 for a
+    prompt of up to 75 tokens). Frozen: never trained, kept in eval mode. ``None`` is the
+    empty prompt, which is the guidance null, as in Stable Diffusion.
+
+    Each distinct window is encoded once per call, alone (a batch of one): a prompt's
+    encoding is bitwise the same whatever else shares its batch, and a batch of one
+    repeated prompt costs one encoder call.
+    """
+
+    Config = CLIPConfig
+    kind = "text"
+
+    def __init__(self, config: CLIPConfig | None = None) -> None:
+        super().__init__(config)
+        self._loaded = ""
+        self._load(self.config.clip_path)
+        self._counts: dict[str, int] = {}
+        #: (the inputs of the last draw ``align`` saw, the most windows one of them needs)
+        self._draw: tuple[Sequence[Any], int] | None = None
+
+    # -- loading -----------------------------------------------------------------------
+    def _load(self, path: str) -> None:
+        try:
+            from transformers import (
+                CLIPTextConfig,
+                CLIPTextModel,
+                CLIPTextModelWithProjection,
+                CLIPTokenizer,
+            )
+        except ImportError:
+            raise UserError(
+                "conditioner clip needs transformers: pip install transformers"
+            ) from None
+        from transformers.utils import logging as hf_logging
+
+        encoder_dir, tokenizer_dir = _folders(path)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on the CLI's stderr
+        try:
+            config = CLIPTextConfig.from_pretrained(encoder_dir, local_files_only=True)
+            projected = "CLIPTextModelWithProjection" in (config.architectures or [])
+            cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            encoder = cls.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"conditioner clip: cannot load {path}: {first}") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+            raise UserError(f"conditioner clip: the tokenizer in {tokenizer_dir} has no BOS/EOS")
+        positions = int(encoder.config.max_position_embeddings)
+        if positions < WINDOW:
+            raise UserError(
+                f"conditioner clip: the encoder in {encoder_dir} reads {positions} positions; "
+                f"Stable Diffusion's CLIP reads {WINDOW}"
+            )
+        device = next(self.encoder.parameters()).device if self._loaded else None
+        self.tokenizer = tokenizer
+        self.encoder = encoder.float().requires_grad_(False).eval()
+        if device is not None:
+            self.encoder.to(device)
+        pad = tokenizer.pad_token_id
+        self._bos, self._eos = int(tokenizer.bos_token_id), int(tokenizer.eos_token_id)
+        self._pad = int(pad) if pad is not None else self._eos
+        self._empty = self._window([])
+        self._loaded = path
+        self._counts = {}
+
+    @property
+    def dim(self) -> int:
+        """The width D of the hidden states (768 for SD 1.x, 1024 for SD 2.x)."""
+        return int(self.encoder.config.hidden_size)
+
+    def train(self, mode: bool = True) -> CLIPConditioner:
+        super().train(mode)
+        self.encoder.eval()  # frozen: dropout stays off even while a denoiser trains
+        return self
+
+    # -- tokens ------------------------------------------------------------------------
+    def tokens(self, prompt: str) -> list[int]:
+        """The prompt's token ids, without BOS and EOS."""
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def windows(self, prompt: str, index: int = 0) -> list[tuple[int, ...]]:
+        """The prompt's 77-token windows (BOS, up to 75 tokens, EOS, padding); one for a
+        prompt of up to 75 tokens. Over 75 with ``--long-prompt refuse``: refused."""
+        ids = self.tokens(prompt)
+        if len(ids) > PER_WINDOW and self.config.long_prompt == "refuse":
+            shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+            raise UserError(
+                f"clip conditioner: prompt {index} ({shown!r}) is {len(ids)} tokens, more than "
+                f"the {PER_WINDOW} of CLIP's {WINDOW}-token window: shorten it, or pass "
+                "--long-prompt split to encode it in 75-token windows"
+            )
+        chunks = [ids[k : k + PER_WINDOW] for k in range(0, len(ids), PER_WINDOW)] or [[]]
+        return [self._window(chunk) for chunk in chunks]
+
+    def _window(self, chunk: list[int]) -> tuple[int, ...]:
+        return (self._bos, *chunk, self._eos, *([self._pad] * (PER_WINDOW - len(chunk))))
+
+    def count(self, prompt: str) -> int:
+        """How many windows the prompt takes (cached per prompt)."""
+        n = self._counts.get(prompt)
+        if n is None:
+            n = max(1, -(-len(self.tokens(prompt)) // PER_WINDOW))
+            if len(self._counts) < 65536:
+                self._counts[prompt] = n
+        return n
+
+    # -- encoding ----------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.config.clip_path != self._loaded:  # ``configure`` changed the folder
+            self._load(self.config.clip_path)
+        layers = int(self.encoder.config.num_hidden_layers)
+        if self.config.clip_skip > layers:
+            raise UserError(
+                f"conditioner clip: --clip-skip {self.config.clip_skip}, but the encoder has "
+                f"{layers} layers (1 is the last)"
+            )
+
+    def encode(self, window: tuple[int, ...]) -> torch.Tensor:
+        """(77, D) hidden states of one window, encoded alone: the last layer's
+        (``last_hidden_state``) or, with clip skip N, ``hidden_states[-N]`` through the final
+        layer norm (diffusers' ``encode_prompt`` with ``clip_skip=N-1``)."""
+        encoder = self.encoder
+        device = next(encoder.parameters()).device
+        ids = torch.tensor([window], dtype=torch.long, device=device)
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):  # as diffusers: rarely set
+            real = window.index(self._eos, 1) + 1
+            mask = (torch.arange(WINDOW, device=device) < real).long()[None]
+        skip = self.config.clip_skip
+        if skip == 1:
+            return encoder(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm  # 4.x nests it
+        return norm(out.hidden_states[-skip])[0]
+
+    @torch.no_grad()
+    def forward(self, inputs: Sequence[Any]) -> Cond:
+        self._check()
+        prompts = []
+        for k, prompt in enumerate(inputs):
+            if prompt is not None and not isinstance(prompt, str):
+                raise UserError(
+                    f"clip conditioner: prompt {k} must be a string or None; got "
+                    f"{type(prompt).__name__}"
+                )
+            prompts.append("" if prompt is None else prompt)
+        if not prompts:
+            raise UserError("clip conditioner: no prompts given")
+        each: dict[str, list[tuple[int, ...]]] = {}
+        for k, p in enumerate(prompts):  # a prompt given many times is tokenized once
+            if p not in each:
+                each[p] = self.windows(p, k)
+        encoded = {w: self.encode(w) for w in dict.fromkeys(w for ws in each.values() for w in ws)}
+        width = max(len(ws) for ws in each.values())
+        empty = self._empty
+        if any(len(ws) < width for ws in each.values()) and empty not in encoded:
+            encoded[empty] = self.encode(empty)
+        rows = []
+        for p in prompts:
+            ws = each[p]
+            rows.append(torch.cat([encoded[w] for w in [*ws, *[empty] * (width - len(ws))]]))
+        return {"text": torch.stack(rows)}
+
+    def align(self, conds: Sequence[Cond], inputs: Sequence[Any] = ()) -> list[Cond]:
+        """Pad every condition to as many windows as the longest of ``conds`` and of every
+        prompt in ``inputs`` (the draw's prompts and negative prompts) needs, with the empty
+        prompt's window: sample k is then drawn with the same condition whatever its batch."""
+        conds = list(conds)
+        present = [c for c in conds if c is not None]
+        if not present:
+            return conds
+        width = max(max(c["text"].shape[1] for c in present), WINDOW * self._most(inputs))
+        if all(c["text"].shape[1] == width for c in present):
+            return conds
+        with torch.no_grad():
+            self._check()
+            empty = self.encode(self._empty)
+        out: list[Cond] = []
+        for c in conds:
+            if c is None or c["text"].shape[1] == width:
+                out.append(c)
+                continue
+            text = c["text"]
+            missing, rest = divmod(width - text.shape[1], WINDOW)
+            if rest:
+                raise UserError(
+                    f"clip conditioner: a condition of {text.shape[1]} tokens is not a whole "
+                    f"number of {WINDOW}-token windows"
+                )
+            pad = empty.to(text).repeat(missing, 1).expand(text.shape[0], -1, -1)
+            out.append({**c, "text": torch.cat([text, pad], dim=1)})
+        return out
+
+    def _most(self, inputs: Sequence[Any]) -> int:
+        """The most windows a prompt of ``inputs`` needs, worked out once per draw (the loop
+        passes the same list for every batch)."""
+        if not inputs:
+            return 1
+        if self._draw is not None and self._draw[0] is inputs:
+            return self._draw[1]
+        prompts = {p for p in inputs if isinstance(p, str)}
+        most = max((self.count(p) for p in prompts), default=1)
+        self._draw = (inputs, most)
+        return most
+
+
+def _folders(path: str) -> tuple[Path, Path]:
+    """The encoder's and the tokenizer's folders: ``path`` itself, or a Stable Diffusion
+    (diffusers) folder's ``text_encoder/`` and ``tokenizer/``."""
+    root = Path(path).expanduser()
+    if not path or not root.is_dir():
+        raise UserError(
+            "conditioner clip: --clip-path must name a local folder holding a CLIP text "
+            f"encoder and its tokenizer (got {path!r}); nothing is downloaded"
+        )
+    if (root / "config.json").is_file():
+        encoder, tokenizer = root, root
+    elif (root / "text_encoder" / "config.json").is_file():
+        encoder = root / "text_encoder"
+        tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else encoder
+    else:
+        raise UserError(
+            f"conditioner clip: {root} holds no CLIP text encoder (a config.json, or a Stable "
+            "Diffusion folder's text_encoder/config.json)"
+        )
+    if not any(encoder.glob("*.safetensors")):
+        raise UserError(
+            f"conditioner clip: {encoder} has no .safetensors weights (pickle checkpoints are "
+            "refused); re-save it with save_pretrained(safe_serialization=True)"
+        )
+    return encoder, tokenizer
