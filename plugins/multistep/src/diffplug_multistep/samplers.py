@@ -70,6 +70,17 @@ def _lagrange(nodes: list[float], j: int, tau: float) -> float:
     return out
 
 
+def _basis_integrals(levels: list[float], i: int, order: int, time=lambda s: s,  # noqa: ANN001
+                     n: int = 16) -> list[float]:  # fmt: skip
+    """The integral over the step levels[i] -> levels[i+1] (in the level) of each Lagrange
+    basis polynomial on ``time`` of the last ``order`` levels, evaluated at ``time(s)``:
+    the weights of an Adams-Bashforth step whose polynomial lives in that time."""
+    nodes = [time(levels[i - k]) for k in range(order)]
+    a, b = levels[i], levels[i + 1]
+    return [_gauss_legendre(lambda s, j=j: _lagrange(nodes, j, time(s)), a, b, n)
+            for j in range(order)]  # fmt: skip
+
+
 def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
     """Solve a small dense system (at most 3x3) in float64."""
     a = torch.tensor(matrix, dtype=torch.float64)
@@ -198,11 +209,7 @@ def deis_coefficients(levels: list[float], i: int, order: int) -> list[float]:
     integral over that step of ds times each one's Lagrange basis polynomial in the VP time
     (DEIS's tAB). Integrated over s, where the integrand is smooth (in t, ds/dt is
     singular at t = 0), by 16-point Gauss-Legendre; ComfyUI sums 10 000 points in t."""
-    nodes = [vp_time(levels[i - k]) for k in range(order)]
-    return [
-        _gauss_legendre(lambda s, j=j: _lagrange(nodes, j, vp_time(s)), levels[i], levels[i + 1])
-        for j in range(order)
-    ]
+    return _basis_integrals(levels, i, order, time=vp_time)
 
 
 @dataclass
@@ -252,12 +259,8 @@ def variable_ab_weights(levels: list[float], i: int, order: int) -> list[float]:
     are ADAMS_BASHFORTH. ComfyUI's ``ipndm_v`` closed forms agree at order 2 only: at order 3
     they are exact on equal steps alone, and at order 4 they give (57, -65, 43, -11)/24 even
     there (a third-difference weight of 11/24 instead of 3/8)."""
-    nodes = [levels[i - k] for k in range(order)]
-    a, b = levels[i], levels[i + 1]
-    return [
-        _gauss_legendre(lambda t, j=j: _lagrange(nodes, j, t), a, b, n=4) / (b - a)
-        for j in range(order)
-    ]
+    step = levels[i + 1] - levels[i]
+    return [w / step for w in _basis_integrals(levels, i, order, n=4)]
 
 
 @dataclass
