@@ -8,12 +8,9 @@ before any step. (tests/test_sampler_schedule_pairs.py runs every sampler x sche
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
+import kdiffusion
 import numpy as np
 import pytest
 import torch
@@ -168,28 +165,6 @@ def test_the_range_schedules_follow_sigma_min_and_sigma_max(process, name, steps
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
-def load_kdiffusion_sampling() -> types.ModuleType:
-    """k_diffusion/sampling.py (with its sibling utils.py), without the package's
-    ``__init__``, which imports a training stack that is not installed."""
-    name = "_kdiffusion_schedules_reference"
-    if f"{name}.sampling" in sys.modules:
-        return sys.modules[f"{name}.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.origin is None:
-        pytest.skip("k-diffusion is not installed (a dev dependency)")
-    root = Path(spec.origin).parent
-    package = types.ModuleType(name)
-    package.__path__ = [str(root)]
-    sys.modules[name] = package
-    for sub in ("utils", "sampling"):
-        sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", root / f"{sub}.py")
-        module = importlib.util.module_from_spec(sub_spec)
-        sys.modules[f"{name}.{sub}"] = module
-        sub_spec.loader.exec_module(module)
-        setattr(package, sub, module)
-    return sys.modules[f"{name}.sampling"]
-
-
 def kdiffusion_float64(function, *args, **kwargs):
     """k-diffusion's function with float64 as torch's default dtype (its linspace)."""
     previous = torch.get_default_dtype()
@@ -215,7 +190,7 @@ def test_karras_exponential_polyexponential_are_k_diffusions_own_functions(name)
     """get_sigmas_karras / get_sigmas_exponential / get_sigmas_polyexponential (k-diffusion
     0.1.1.post1) in float64, for every step count, range and rho here, on explicit ranges
     and on each process's own: within 1e-12 relative (measured: bitwise equal, max 0)."""
-    kd = load_kdiffusion_sampling()
+    kd = kdiffusion.load_sampling()
     ranges = dict(KD_RANGES)
     for key, process in PROCESSES.items():  # the process's own ends, computed independently
         levels = table_np(process)

@@ -9,13 +9,10 @@ replacing the loop's noise source), handed to k-diffusion's ``noise_sampler``.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import sys
-import types
-from pathlib import Path
 
+import kdiffusion
 import pytest
 import torch
 from cliutil import run_cli
@@ -39,28 +36,6 @@ NAMES = list(plugin.SAMPLERS)
 def make(name: str, **options):
     cls = fresh_registry(plugin).load("scheduler", name)
     return cls.from_options(**options) if options else cls()
-
-
-def load_reference() -> types.ModuleType:
-    """k_diffusion.sampling (with its sibling utils), without running the package's
-    ``__init__``."""
-    name = "_kdiffusion_reference"
-    if f"{name}.sampling" in sys.modules:
-        return sys.modules[f"{name}.sampling"]
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.origin is None:
-        pytest.skip("k-diffusion is not installed (a dev dependency)")
-    root = Path(spec.origin).parent
-    package = types.ModuleType(name)
-    package.__path__ = [str(root)]
-    sys.modules[name] = package
-    for sub in ("utils", "sampling"):
-        sub_spec = importlib.util.spec_from_file_location(f"{name}.{sub}", root / f"{sub}.py")
-        module = importlib.util.module_from_spec(sub_spec)
-        sys.modules[f"{name}.{sub}"] = module
-        sub_spec.loader.exec_module(module)
-        setattr(package, sub, module)
-    return sys.modules[f"{name}.sampling"]
 
 
 class Recorder:
@@ -149,7 +124,7 @@ IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o
 
 def parity(name, options, function, kwargs, dtype, steps=8, seeds=(0, 1, 2, 3, 4)):
     """Max |diffplug - k-diffusion| over the final samples, same levels, x_T and noise."""
-    ref = load_reference()
+    ref = kdiffusion.load_sampling()
     oracle = circle_mixture()
     sampler = make(name, **options)
     levels = sampler.plan(oracle.process, steps).levels
