@@ -59,6 +59,7 @@ _LAZY = {
     "VPSampler": "diffplug.vp_sampler",
     "LevelSampler": "diffplug.level_sampler",
     "LevelPlan": "diffplug.level_sampler",
+    "ancestral_step": "diffplug.level_sampler",
     "VPSamplerConfig": "diffplug.vp_sampler",
     "transitions": "diffplug.vp_sampler",
     "Process": "diffplug.process",

@@ -32,6 +32,16 @@ from diffplug.schedules import Karras, NoiseTable
 F64 = torch.float64
 
 
+def ancestral_step(s_from: float, s_to: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step from level s_from to s_to: the
+    deterministic step to sigma_down, then fresh noise of std sigma_up, whose variances add
+    up to s_to^2 (eta = 1: the DDPM posterior's; k-diffusion's ``get_ancestral_step``)."""
+    if not eta:
+        return s_to, 0.0
+    up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+    return math.sqrt(s_to**2 - up**2), up
+
+
 @dataclass
 class LevelPlan(Plan):
     """A plan over noise levels: alpha = 1 and sigma = the level at every call."""
@@ -104,4 +114,4 @@ class LevelSampler(Scheduler):
         )
 
 
-__all__ = ["LevelPlan", "LevelSampler"]
+__all__ = ["LevelPlan", "LevelSampler", "ancestral_step"]

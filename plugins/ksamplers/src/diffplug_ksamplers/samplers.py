@@ -24,16 +24,7 @@ from typing import Any
 import torch
 
 import diffplug
-from diffplug import LevelSampler, option
-
-
-def ancestral_step(s_from: float, s_to: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up): the deterministic step to sigma_down, then fresh noise of
-    std sigma_up, whose variances add up to s_to^2 (eta = 1: the DDPM posterior's)."""
-    if not eta:
-        return s_to, 0.0
-    up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
-    return math.sqrt(s_to**2 - up**2), up
+from diffplug import LevelSampler, ancestral_step, option
 
 
 def _slope(x: torch.Tensor, x0: torch.Tensor, s: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffplug import LevelSampler, option
+from diffplug import LevelSampler, ancestral_step, option
 
 # -- shared -----------------------------------------------------------------------------------
 
@@ -315,14 +315,6 @@ class IPNDMv(IPNDM):
 
 
 # -- RES multistep ----------------------------------------------------------------------------
-def ancestral_step(s_from: float, s_to: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of an ancestral step (k-diffusion's ``get_ancestral_step``)."""
-    if not eta:
-        return s_to, 0.0
-    up = min(s_to, eta * math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
-    return math.sqrt(s_to**2 - up**2), up
-
-
 @dataclass
 class ResConfig:
     eta: float = option(0.0, "noise per step (0: the ODE solver; 1: ancestral)", min=0.0)
