@@ -25,11 +25,12 @@ from diffplug.prediction import Linear, as_tuple, linear
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 #: rows per denoiser call on the CPU: fixed, so samples do not depend on the batch size.
-#: rows per denoiser call: beyond any batch a CPU can hold, the padding alone would be huge
-MAX_CHUNK = 65_536
 #: 64 is the CLI's default batch, so the usual run pays nothing (chunks of 16 cost 2.1x there:
 #: four calls' overhead on a small UNet); smaller batches are padded to it
 DEFAULT_CHUNK = 64
+#: the most rows per call ``chunk`` may ask for: beyond any batch a CPU holds, the padding
+#: alone would exhaust memory
+MAX_CHUNK = 65_536
 #: above this many parameters padding a small batch to a chunk costs too much on a CPU: such
 #: models run on whole batches unless ``chunk`` is given
 CHUNK_MAX_PARAMETERS = 50_000_000
