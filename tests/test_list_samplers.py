@@ -6,12 +6,10 @@ other listing stays free of plugin code (and torch)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from cliutil import run_cli
+from cliutil import modules_after, run_cli
 
 from diffplug.registry import default_registry
 
@@ -135,19 +133,9 @@ def test_info_still_says_the_same():
 def test_the_other_listings_import_no_plugin_code():
     """`list` (every kind) and `list --json` name the samplers from the registry alone, as
     before: no sampler module, and not torch, is imported."""
-    code = (
-        "import sys\n"
-        "from diffplug.cli import main\n"
-        "for argv in (['list'], ['list', '--json'], ['list', 'schedules']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit as e:\n"
-        "        assert e.code == 0, (argv, e.code)\n"
-        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('diffplug_')\n"
-        "             and not m.endswith('.plugin') and '.' in m))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    probe = ("sorted(m for m in sys.modules if m == 'torch' or m.startswith('diffplug_')"
+             " and not m.endswith('.plugin') and '.' in m)")  # fmt: skip
+    _, loaded = modules_after(["list"], ["list", "--json"], ["list", "schedules"], probe=probe)
+    assert loaded == "[]"
     rows = json.loads(run_cli("list", "--json").out)["scheduler"]
     assert rows and all(set(row) == {"name", "plugin", "summary"} for row in rows)
