@@ -8,9 +8,10 @@ from cliutil import assert_clean_error, run_cli
 from coreonly import ENV, core_only
 from fixture_tiny_model import TinyConfig, TinyDenoiser, UniformVP
 
+from diffplug import Conditioner
 from diffplug.checkpoint import load_component, load_tensors, read_metadata
-from diffplug.data import digits
-from diffplug.training import TrainConfig, Trainer, lr_at, train
+from diffplug.data import Dataset, digits
+from diffplug.training import TrainConfig, Trainer, draw_captions, lr_at, train
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +204,56 @@ def test_train_cli_trains_resumes_and_validates(tmp_path):
         ).code
         == 0
     )
+
+
+class _RecordingConditioner(Conditioner):
+    """Records the captions the trainer hands it; the condition is unused by the model."""
+
+    kind = None
+
+    def __init__(self, takes_captions=True):
+        super().__init__()
+        self.seen = []
+        if not takes_captions:  # an older conditioner: from_data(x0, generator, labels)
+            self.from_data = lambda x0, generator, labels=None: self.seen.append(None)
+
+    def forward(self, inputs):
+        return None
+
+    def from_data(self, x0, generator, labels=None, captions=None):
+        self.seen.append(list(captions))
+        return None
+
+
+def _captioned(n=12):
+    images = digits("train", 8).images[:n]
+    return Dataset(images, captions=[[f"image {i}", f"picture {i}"] for i in range(n)])
+
+
+def test_each_batch_gives_the_conditioner_one_of_each_images_captions():
+    trainer = Trainer(tiny_model(), UniformVP(), _captioned(), TrainConfig(batch_size=32),
+                      conditioner=_RecordingConditioner())  # fmt: skip
+    trainer.generator.manual_seed(5)
+    idx = torch.randint(0, 12, (32,), generator=trainer.generator)
+    trainer.generator.manual_seed(5)
+    trainer.batch()
+    (captions,) = trainer.conditioner.seen
+    assert [c.split()[1] for c in captions] == [str(i) for i in idx.tolist()]
+    assert {c.split()[0] for c in captions} == {"image", "picture"}  # both phrasings drawn
+
+
+def test_caption_draws_are_uniform_and_reproducible():
+    captions = [["a", "b", "c"]] * 3000
+    g = torch.Generator().manual_seed(0)
+    drawn = draw_captions(captions, list(range(3000)), g)
+    counts = [drawn.count(c) for c in "abc"]
+    assert all(abs(k - 1000) < 100 for k in counts), counts
+    assert draw_captions(captions, list(range(3000)), torch.Generator().manual_seed(0)) == drawn
+
+
+def test_a_conditioner_without_a_captions_parameter_is_called_without_them():
+    conditioner = _RecordingConditioner(takes_captions=False)
+    trainer = Trainer(tiny_model(), UniformVP(), _captioned(), TrainConfig(batch_size=4),
+                      conditioner=conditioner)  # fmt: skip
+    trainer.batch()
+    assert conditioner.seen == [None]

@@ -225,16 +225,22 @@ class Conditioner(_Configurable, nn.Module):
         return torch.zeros(len(samples), device=samples.device)
 
     def from_data(
-        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Cond:
         """The training hook: the condition of a clean batch ``x0`` (N, C, H, W) in [-1, 1]
-        with its integer ``labels`` when the data has them.
+        with its integer ``labels`` and one caption per image (``captions``, drawn by the
+        trainer from each image's captions) when the data has them.
 
         The trainer calls it for every batch, so a conditioner that can derive its condition
         from the images themselves (a low-resolution copy, an edge map) or their labels (a
-        prompt naming the class) needs no captioned data. Random choices (augmentation, noise
-        levels, phrasings) must draw from ``generator`` alone: it is the trainer's saved
-        stream, which keeps resumed runs exact.
+        prompt naming the class) needs no captioned data. A conditioner whose ``from_data``
+        has no ``captions`` parameter is called without it. Random choices (augmentation,
+        noise levels, phrasings) must draw from ``generator`` alone: it is the trainer's
+        saved stream, which keeps resumed runs exact.
         """
         raise UserError(
             f"conditioner {self.name or type(self).__name__} cannot build conditions from "

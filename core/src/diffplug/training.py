@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
 import json
 import math
 import os
@@ -127,6 +128,8 @@ class Trainer:
         self.method = method
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device) if data.labels is not None else None
+        # each image's captions; one per image is drawn for every batch it is in
+        self.captions = data.captions if _takes_captions(conditioner) else None
         # the fused kernel: one pass over all parameters (5x faster than the default on CPU)
         self.opt = torch.optim.AdamW(
             self.params,
@@ -167,7 +170,11 @@ class Trainer:
         x0 = self.images[idx]
         labels = self.labels[idx] if self.labels is not None else None
         if self.conditioner is not None:
-            cond = self.conditioner.from_data(x0, self.generator, labels)
+            if self.captions is None:
+                cond = self.conditioner.from_data(x0, self.generator, labels)
+            else:
+                captions = draw_captions(self.captions, idx.tolist(), self.generator)
+                cond = self.conditioner.from_data(x0, self.generator, labels, captions=captions)
             if self.config.cond_dropout > 0:
                 drop = torch.rand(len(idx), generator=self.generator) < self.config.cond_dropout
                 cond = self.conditioner.drop(cond, drop.to(self.device))
@@ -365,6 +372,22 @@ class Trainer:
                 f"--resume would change the run: {'; '.join(changes[:4])}; resume with the "
                 "run's own options (or start a new run in another --out)"
             )
+
+
+def _takes_captions(conditioner: Conditioner | None) -> bool:
+    """Whether the conditioner's ``from_data`` reads captions (older ones take labels only)."""
+    if conditioner is None:
+        return False
+    return "captions" in inspect.signature(conditioner.from_data).parameters
+
+
+def draw_captions(
+    captions: list[list[str]], index: list[int], generator: torch.Generator
+) -> list[str]:
+    """One of each indexed image's captions, uniformly, drawn from ``generator``."""
+    u = torch.rand(len(index), generator=generator, dtype=torch.float64).tolist()
+    return [captions[i][min(int(r * len(captions[i])), len(captions[i]) - 1)]
+            for i, r in zip(index, u, strict=True)]  # fmt: skip
 
 
 def check_conditioner(denoiser: Denoiser, conditioner: Conditioner | None) -> None:

@@ -98,6 +98,22 @@ def test_from_data_phrases_labels_with_the_generator_and_needs_labels():
         cond.from_data(torch.zeros(1, 1, 8, 8), torch.Generator(), torch.tensor([12]))
 
 
+def test_from_data_uses_captions_when_the_data_has_them_unless_told_digits():
+    x0, labels = torch.zeros(2, 1, 8, 8), torch.tensor([7, 3])
+    captions = ["a red apple", "the flag of Japan"]
+    auto = text_conditioner().eval()
+    got = auto.from_data(x0, torch.Generator(), labels, captions=captions)
+    assert torch.equal(got["text"], auto.encode(auto.tokenize(captions))["text"])
+    digits_only = text_conditioner(prompts="digits").eval()
+    g = torch.Generator().manual_seed(1)
+    got = digits_only.from_data(x0, g, labels, captions=captions)
+    want = auto.from_data(x0, torch.Generator().manual_seed(1), labels)
+    assert torch.equal(got["text"], want["text"])
+    strict = text_conditioner(prompts="captions")
+    with pytest.raises(UserError, match="needs captioned data"):
+        strict.from_data(x0, torch.Generator(), labels)
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_condition_dropout_swaps_in_the_null_condition(p):
     cond = text_conditioner()

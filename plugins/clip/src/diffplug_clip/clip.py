@@ -225,6 +225,21 @@ class CLIPConditioner(Conditioner):
             rows.append(torch.cat([encoded[w] for w in [*ws, *[empty] * (width - len(ws))]]))
         return {"text": torch.stack(rows)}
 
+    def from_data(
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> Cond:
+        """Training's condition: the batch's captions, encoded by the frozen encoder."""
+        if captions is None:
+            raise UserError(
+                "clip conditioner: training needs captioned data (a data set with captions, "
+                "or a folder with a .txt beside each image)"
+            )
+        return self.forward(list(captions))
+
     def align(self, conds: Sequence[Cond], inputs: Sequence[Any] = ()) -> list[Cond]:
         """Pad every condition to as many windows as the longest of ``conds`` and of every
         prompt in ``inputs`` (the draw's prompts and negative prompts) needs, with the empty

@@ -94,9 +94,14 @@ class T5Conditioner(Conditioner):
         return {"text": text, "text_mask": mask, "text_pooled": pooled}
 
     def from_data(
-        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Cond:
-        """Digit labels phrased as the text conditioner phrases them, then encoded."""
-        from diffplug_imagen.text import digit_prompts
+        """The data's captions, or digit labels phrased as the text conditioner phrases
+        them, then encoded."""
+        from diffplug_imagen.text import training_prompts
 
-        return self.forward(digit_prompts(labels, generator, "t5"))
+        return self.forward(training_prompts("auto", labels, captions, generator, "t5"))

@@ -46,7 +46,12 @@ class TextConfig:
     dim: int = option(64, "embedding width (the denoiser's --text-dim must match)", min=8)
     layers: int = option(2, "transformer layers", min=1)
     heads: int = option(4, "attention heads (must divide --dim)", min=1)
-    prompts: str = option("digits", "how training labels become prompts", choices=("digits",))
+    prompts: str = option(
+        "auto",
+        "training prompts: the data's captions, or digit labels phrased (auto: captions "
+        "when the data has them)",
+        choices=("auto", "captions", "digits"),
+    )
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -110,11 +115,34 @@ class TextConditioner(Conditioner):
         return {"text": h, "text_mask": mask, "text_pooled": h[:, 0]}
 
     def from_data(
-        self, x0: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
     ) -> Cond:
-        """Each image's label in a phrasing drawn from ``generator`` ("7", "a handwritten
-        seven", ...)."""
-        return self.encode(self.tokenize(digit_prompts(labels, generator, "text")))
+        """Each image's caption, or its label in a phrasing drawn from ``generator`` ("7",
+        "a handwritten seven", ...). Training cuts a caption longer than ``max_tokens``."""
+        prompts = training_prompts(self.config.prompts, labels, captions, generator, "text")
+        return self.encode(self.tokenize(prompts))
+
+
+def training_prompts(
+    mode: str,
+    labels: torch.Tensor | None,
+    captions: Sequence[str] | None,
+    generator: torch.Generator,
+    owner: str,
+) -> list[str]:
+    """A batch's prompts under ``--prompts`` (``TextConfig.prompts``)."""
+    if mode == "captions" or (mode == "auto" and captions is not None):
+        if captions is None:
+            raise UserError(
+                f"{owner} conditioner: --prompts captions needs captioned data (a data set "
+                "with captions, or a folder with a .txt beside each image)"
+            )
+        return list(captions)
+    return digit_prompts(labels, generator, owner)
 
 
 def digit_prompts(labels: torch.Tensor | None, generator: torch.Generator, owner: str) -> list[str]:
