@@ -37,13 +37,14 @@ class VPSamplerConfig:
 
 
 def transitions(
-    process: VP, steps: int, spacing: str, offset: int = 0
+    process: VP, steps: int, spacing: str, offset: int = 0, final: float = 1.0
 ) -> tuple[list[int], list[float], list[float]]:
-    """The timesteps, abar at each, and abar at the next one (1.0 after the last), float64."""
+    """The timesteps, abar at each, and abar at the next one (``final`` after the last),
+    float64."""
     ts = spaced_timesteps(process.num_timesteps, steps, spacing, offset)
     abar = process.alphas_cumprod.to(torch.float64).tolist()
     here = [abar[t] for t in ts]
-    return ts, here, here[1:] + [1.0]
+    return ts, here, here[1:] + [final]
 
 
 def scheduled_transitions(
@@ -76,6 +77,10 @@ class VPSampler(Scheduler):
 
     walks_noise_levels = True
 
+    def final_abar(self, process: VP) -> float:
+        """abar after the last step: 1, the clean sample (a sampler may choose otherwise)."""
+        return 1.0
+
     def plan(self, process: Process, steps: int) -> Plan:
         reason = self.supports(process)
         if reason:
@@ -83,7 +88,8 @@ class VPSampler(Scheduler):
         assert isinstance(process, VP)
         cfg = self.config
         if self.schedule is None or isinstance(self.schedule, Normal):
-            ts, here, nxt = transitions(process, steps, cfg.spacing, cfg.steps_offset)
+            ts, here, nxt = transitions(process, steps, cfg.spacing, cfg.steps_offset,
+                                        self.final_abar(process))  # fmt: skip
             times, labels, info = torch.tensor(ts, dtype=torch.float64), ts, {"timesteps": ts}
         else:
             levels = self.schedule.levels(process, steps, *self.sigma_range)

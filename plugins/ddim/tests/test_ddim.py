@@ -260,3 +260,25 @@ def test_steps_out_of_range_and_foreign_processes_are_refused():
     assert "needs a discrete VP" in sampler.supports(Continuous())
     with pytest.raises(UserError, match="needs a discrete VP"):
         sampler.plan(Continuous(), 10)
+
+
+@pytest.mark.parametrize("final_alpha, set_alpha_to_one", [("first", False), ("one", True)])
+def test_every_step_equals_diffusers_ddim_with_its_final_alpha(final_alpha, set_alpha_to_one):
+    """Stable Diffusion's scheduler config (scaled_linear, leading + 1, set_alpha_to_one
+    False) ends at abar_0, not 1: ``--final-alpha first`` reproduces each step of it."""
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    ref = DDIMScheduler(**config, steps_offset=1, set_alpha_to_one=set_alpha_to_one,
+                        clip_sample=False)  # fmt: skip
+    process = VP(VPConfig(**config))
+    steps = 10
+    ref.set_timesteps(steps)
+    plan = ddim_sampler(steps_offset=1, final_alpha=final_alpha).plan(process, steps)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 8, generator=g, dtype=F64), torch.randn(4, 8, generator=g, dtype=F64)
+    for k, t in enumerate(ref.timesteps.tolist()):
+        want = ref.step(eps, t, x, eta=0.0).prev_sample
+        x0_hat = (x - plan.sigma[k] * eps) / plan.alpha[k]
+        got = plan.a[k] * x + plan.b[k] * x0_hat + plan.c[k] * eps
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    other = ddim_sampler(steps_offset=1, final_alpha="one" if final_alpha == "first" else "first")
+    assert abs(other.plan(process, steps).b[-1] - plan.b[-1]) > 1e-4  # the tests can tell

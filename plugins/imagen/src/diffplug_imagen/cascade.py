@@ -70,6 +70,14 @@ class CascadeConfig:
                 raise OptionError("pipeline imagen: --sr-steps must be positive")
 
 
+@dataclass
+class EmojiCascadeConfig(CascadeConfig):
+    """The text-to-emoji cascade's defaults (docs/models.md has the recipe and scores)."""
+
+    base_model: str = option("imagen-emoji-base", "the text-conditional base model (16x16)")
+    sr_models: list[str] = option(["imagen-emoji-sr"], "super-resolution stages (16 -> 32)")
+
+
 def _at(values: Sequence[Any], k: int) -> Any:
     return values[k] if len(values) > 1 else values[0]
 
@@ -131,3 +139,9 @@ class Cascade(Pipeline):
             results.append(result)
             conditions = list(result.images)
         return results
+
+
+class EmojiCascade(Cascade):
+    """The same cascade with the shipped text-to-emoji models as its stages."""
+
+    Config = EmojiCascadeConfig

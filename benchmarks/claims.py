@@ -1,0 +1,333 @@
+"""The seeds' claims, each measured by two judges that share nothing (docs/claims.md).
+
+Judge 1, the project's: digits FD in the features of the in-repo CNN classifier
+(``diffplug.evaluate``, trained on the digits' training split), and for prompted samples the
+share that classifier reads as the prompt's digit.
+
+Judge 2, independent of it: pixel FD (Frechet distance of the 64 grey pixels at 8x8 to those
+of the 1497 training digits) and an RBF support-vector machine (scikit-learn) trained on the
+other split, the 300 held-out digits: its accuracy on prompted samples, its mean confidence
+(largest class probability) on any. No weights, features or data are shared with judge 1.
+
+Spread: every cell is sampled ``BLOCKS`` times with disjoint seed blocks of ``N`` samples;
+tables give the mean and, after "±", the standard deviation over the blocks. A difference is
+called one only when it exceeds twice the larger of the two spreads (``differs``).
+
+Samples larger than 8x8 are made grey and resized to 8x8 for both judges; their references
+go 8 -> S -> 8 first (as ``diffplug.evaluate`` does), so resizing blur is not charged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from benchmarks.common import ROOT, machine, table
+from diffplug.data import digits
+from diffplug.evaluate import _round_trip, classify, evaluate, frechet_distance, to_digits
+from diffplug.pipeline import StageSpec, run_stage
+from diffplug_imagen.text import WORDS
+
+#: the page this benchmark writes its section into
+DOC = ROOT / "docs" / "claims.md"
+N = int(os.environ.get("CLAIMS_N", "400"))
+BLOCKS = int(os.environ.get("CLAIMS_BLOCKS", "3"))
+CPU = torch.device("cpu")
+GUIDANCE = [1.0, 3.0, 5.0, 8.0, 12.0]
+#: (threshold, percentile): none, static clipping, dynamic at three percentiles and at the max
+THRESHOLDING = [("none", 0.995), ("static", 0.995), ("dynamic", 0.9), ("dynamic", 0.95),
+                ("dynamic", 0.995), ("dynamic", 1.0)]  # fmt: skip
+
+
+# --- the judges ------------------------------------------------------------------------------
+
+
+@functools.cache
+def _svm(size: int):  # noqa: ANN202 - a scikit-learn estimator
+    """The RBF SVM of judge 2, fit on the held-out digits as a model of ``size`` sees them."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.svm import SVC
+
+    held = digits("heldout")
+    x = _round_trip(held.images, size).reshape(len(held), -1).numpy()
+    svm = CalibratedClassifierCV(SVC(gamma="scale", random_state=0), ensemble=False)
+    return svm.fit(x, held.labels.numpy())
+
+
+@functools.cache
+def _pixels_reference(size: int) -> torch.Tensor:
+    train = digits("train").images
+    return _round_trip(train, size).reshape(len(train), -1).double()
+
+
+@dataclass
+class Scores:
+    """Both judges' numbers for one block of samples."""
+
+    digits_fd: float
+    pixel_fd: float
+    svm_confidence: float
+    accuracy: float | None = None  # judge 1, prompted samples only
+    svm_accuracy: float | None = None  # judge 2
+    seconds_per_sample: float = 0.0
+
+
+def judge(images: torch.Tensor, labels: torch.Tensor | None, seconds: float) -> Scores:
+    size = images.shape[-1]
+    grey = to_digits(images)
+    flat = grey.reshape(len(grey), -1)
+    probs = _svm(size).predict_proba(flat.numpy())
+    scores = Scores(
+        digits_fd=evaluate(images)["digits_fd"],
+        pixel_fd=frechet_distance(flat.double(), _pixels_reference(size)),
+        svm_confidence=float(probs.max(1).mean()),
+        seconds_per_sample=seconds / len(images),
+    )
+    if labels is not None:
+        scores.accuracy = float((classify(images) == labels).float().mean())
+        scores.svm_accuracy = float((probs.argmax(1) == labels.numpy()).mean())
+    return scores
+
+
+def real_scores() -> Scores:
+    """The held-out digits themselves: what a perfect model would score (at n = 300)."""
+    held = digits("heldout")
+    return judge(held.images, held.labels, 0.0)
+
+
+# --- cells and their spread --------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One setting, sampled in ``BLOCKS`` seed blocks."""
+
+    name: str
+    blocks: list[Scores] = field(default_factory=list)
+
+    def values(self, metric: str) -> list[float]:
+        return [getattr(b, metric) for b in self.blocks]
+
+    def mean(self, metric: str) -> float:
+        return statistics.fmean(self.values(metric))
+
+    def spread(self, metric: str) -> float:
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def show(self, metric: str, percent: bool = False) -> str:
+        if getattr(self.blocks[0], metric) is None:
+            return "-"
+        scale = 100 if percent else 1
+        mean, spread = self.mean(metric) * scale, self.spread(metric) * scale
+        digits_ = 1 if percent or mean >= 10 else 2
+        return f"{mean:.{digits_}f} ± {spread:.{digits_}f}" + ("%" if percent else "")
+
+
+def differs(a: Cell, b: Cell, metric: str) -> int:
+    """+1 if ``a``'s metric is larger beyond the spread, -1 if smaller, 0 if within it."""
+    gap = a.mean(metric) - b.mean(metric)
+    if abs(gap) <= 2 * max(a.spread(metric), b.spread(metric)):
+        return 0
+    return 1 if gap > 0 else -1
+
+
+def sample(name: str, draw: Callable[[list[int]], torch.Tensor],
+           labels: torch.Tensor | None = None) -> Cell:  # fmt: skip
+    """``draw(seeds)`` for each seed block, judged."""
+    cell = Cell(name)
+    for block in range(BLOCKS):
+        seeds = list(range(block * N, (block + 1) * N))
+        start = time.perf_counter()
+        images = draw(seeds)
+        cell.blocks.append(judge(images, labels, time.perf_counter() - start))
+    return cell
+
+
+def stage(model: str, sampler: str, steps: int, guidance: float = 1.0, threshold: str = "none",
+          percentile: float = 0.995, prompts: Sequence[str] | None = None,
+          **options: object) -> Callable[[list[int]], torch.Tensor]:  # fmt: skip
+    spec = StageSpec(model, sampler, steps, guidance, threshold, percentile,
+                     sampler_options=dict(options))  # fmt: skip
+    conditions = list(prompts) if prompts is not None else None
+    return lambda seeds: run_stage(spec, seeds=seeds, conditions=conditions, batch_size=N,
+                                   device=CPU).images  # fmt: skip
+
+
+def digit_prompts() -> tuple[list[str], torch.Tensor]:
+    """``N`` prompts "a handwritten <digit>", the ten digits in equal shares."""
+    labels = torch.arange(N) % 10
+    return [f"a handwritten {WORDS[int(d)]}" for d in labels], labels
+
+
+# --- the experiments ---------------------------------------------------------------------------
+
+METRICS = [("digits FD (judge 1)", "digits_fd", False), ("pixel FD (judge 2)", "pixel_fd", False),
+           ("SVM confidence (judge 2)", "svm_confidence", True)]  # fmt: skip
+PROMPTED = [("class accuracy (judge 1)", "accuracy", True),
+            ("SVM accuracy (judge 2)", "svm_accuracy", True)]  # fmt: skip
+
+
+def cells_table(cells: Sequence[Cell], prompted: bool = False, seconds: bool = False) -> str:
+    metrics = METRICS + (PROMPTED if prompted else [])
+    header = ["setting", *(m[0] for m in metrics)] + (["s/sample"] if seconds else [])
+    rows = []
+    for cell in cells:
+        row = [cell.name, *(cell.show(key, pct) for _, key, pct in metrics)]
+        if seconds:
+            row.append(f"{cell.mean('seconds_per_sample') * 1000:.1f} ms")
+        rows.append(row)
+    return table(header, rows)
+
+
+def verdict(agree: Sequence[int], want: int) -> str:
+    """A claim that predicts sign ``want`` for each judge's comparison."""
+    hits = sum(a == want for a in agree)
+    if hits == len(agree):
+        return "reproduces"
+    if hits:
+        return "partly (the judges disagree)"
+    return "does not here"
+
+
+def ddpm_and_ddim() -> str:
+    ddpm = sample("DDPM, 1000 steps", stage("ddpm-digits", "ddpm", 1000))
+    ddim = {k: sample(f"DDIM, {k} steps (eta 0)", stage("ddpm-digits", "ddim", k))
+            for k in (10, 20, 50)}  # fmt: skip
+    eta = {e: sample(f"DDIM, 10 steps, eta {e:g}", stage("ddpm-digits", "ddim", 10, eta=e))
+           for e in (0.5, 1.0)}  # fmt: skip
+    real = real_scores()
+    lines = [
+        "### DDPM and DDIM on `ddpm-digits`",
+        "",
+        cells_table([ddpm, *ddim.values(), *eta.values()]),
+        "",
+        f"Real held-out digits (n = 300): digits FD {real.digits_fd:.2f}, pixel FD "
+        f"{real.pixel_fd:.2f}, SVM confidence {100 * real.svm_confidence:.1f}%.",
+        "",
+    ]
+    # DDIM: 20-50 steps come within the spread of (or beat) DDPM-1000 on both FDs
+    near = [differs(ddim[50], ddpm, m) <= 0 and differs(ddim[20], ddpm, m) <= 0
+            for m in ("digits_fd", "pixel_fd")]  # fmt: skip
+    lines.append(f"- DDIM at 20 and 50 steps against DDPM-1000: "
+                 f"**{verdict([1 if n else 0 for n in near], 1)}**.")  # fmt: skip
+    # DDIM's eta: at few steps eta 0 is best (lower FD than eta 1)
+    agree = [-differs(ddim[10], eta[1.0], m) for m in ("digits_fd", "pixel_fd")]
+    lines.append(f"- eta 0 beats eta 1 at 10 steps: **{verdict(agree, 1)}**.")
+    return "\n".join(lines)
+
+
+def adm() -> str:
+    cells = [sample("ADM (`adm-digits`), 10 steps", stage("adm-digits", "adm", 10)),
+             sample("DDIM (`ddpm-digits`), 10 steps", stage("ddpm-digits", "ddim", 10)),
+             sample("DDIM (`ddpm-digits`), 20 steps", stage("ddpm-digits", "ddim", 20))]  # fmt: skip
+    agree = [-differs(cells[0], cells[1], m) for m in ("digits_fd", "pixel_fd")]
+    return "\n".join([
+        "### Decoupled diffusion at 10 evaluations",
+        "",
+        cells_table(cells),
+        "",
+        f"- ADM-10 beats DDIM-10: **{verdict(agree, 1)}**.",
+    ])  # fmt: skip
+
+
+def thresholding() -> str:
+    prompts, labels = digit_prompts()
+    cells: dict[tuple[str, float, float], Cell] = {}
+    for guidance in GUIDANCE:
+        for kind, p in THRESHOLDING:
+            name = f"w {guidance:g}, {_threshold_name(kind, p)}"
+            draw = stage("imagen-digits-base", "ddim", 50, guidance, kind, p, prompts)
+            cells[kind, p, guidance] = sample(name, draw, labels)
+    lines = ["### Thresholding against guidance on `imagen-digits-base` (DDIM 50)", ""]
+    lines.append(cells_table(list(cells.values()), prompted=True))
+    lines.append("")
+    for guidance in (8.0, 12.0):
+        dyn, static = cells["dynamic", 0.995, guidance], cells["static", 0.995, guidance]
+        agree = [-differs(dyn, static, m) for m in ("digits_fd", "pixel_fd")]
+        lines.append(f"- dynamic (p 0.995) beats static at guidance {guidance:g}: "
+                     f"**{verdict(agree, 1)}**.")  # fmt: skip
+    best = min(cells.values(), key=lambda c: c.mean("digits_fd") + c.mean("pixel_fd"))
+    lines.append(f"- lowest sum of the two FDs: {best.name}.")
+    return "\n".join(lines)
+
+
+def _threshold_name(kind: str, p: float) -> str:
+    if kind != "dynamic":
+        return kind
+    return "dynamic, max" if p == 1.0 else f"dynamic, p {p:g}"
+
+
+def noise_augmentation() -> str:
+    prompts, labels = digit_prompts()
+    base = stage("imagen-digits-base", "ddim", 50, 3.0, "dynamic", 0.995, prompts)
+    cells = []
+    for model, level in (("imagen-digits-sr", 0.1), ("imagen-digits-sr-noaug", 0.0)):
+        spec = StageSpec(model, "ddpm", 25, 1.0, "dynamic", conditioner_options={"level": level})
+
+        def draw(seeds: list[int], spec: StageSpec = spec) -> torch.Tensor:
+            low = base(seeds)
+            return run_stage(spec, seeds=seeds, conditions=list(low), batch_size=N,
+                             device=CPU).images  # fmt: skip
+
+        cells.append(sample(f"`{model}` (level {level:g})", draw, labels))
+    agree = [-differs(cells[0], cells[1], m) for m in ("digits_fd", "pixel_fd")]
+    return "\n".join([
+        "### Noise-conditioning augmentation in the digits cascade (8 -> 32)",
+        "",
+        cells_table(cells, prompted=True),
+        "",
+        f"- the augmented stage beats the clean-trained one: **{verdict(agree, 1)}**.",
+    ])  # fmt: skip
+
+
+def latent_against_pixels() -> str:
+    prompts, labels = digit_prompts()
+    latent = stage("imagen-latent-digits", "ddim", 50, 3.0, "none", 0.995, prompts)
+    base = stage("imagen-digits-base", "ddim", 50, 3.0, "dynamic", 0.995, prompts)
+    sr = StageSpec("imagen-digits-sr", "ddpm", 25, 1.0, "dynamic",
+                   conditioner_options={"level": 0.1})  # fmt: skip
+
+    def cascade(seeds: list[int]) -> torch.Tensor:
+        low = base(seeds)
+        return run_stage(sr, seeds=seeds, conditions=list(low), batch_size=N,
+                         device=CPU).images  # fmt: skip
+
+    cells = [sample("latent (`imagen-latent-digits`, 8x8x4 latents)", latent, labels),
+             sample("pixel cascade (8x8 base + SR to 32x32)", cascade, labels)]  # fmt: skip
+    cheaper = cells[0].mean("seconds_per_sample") < cells[1].mean("seconds_per_sample")
+    agree = [differs(cells[0], cells[1], m) <= 0 for m in ("digits_fd", "pixel_fd")]
+    both = [1 if cheaper and a else 0 for a in agree]
+    return "\n".join([
+        "### Latent against pixel diffusion at 32x32",
+        "",
+        cells_table(cells, prompted=True, seconds=True),
+        "",
+        f"- the latent model is cheaper at no worse quality: **{verdict(both, 1)}**.",
+    ])  # fmt: skip
+
+
+def run() -> dict[str, str]:
+    """Each claim's tables and verdicts, by the section of docs/claims.md they fill."""
+    torch.manual_seed(0)
+    setup = (f"Measured on {machine()}: {N} samples per block, {BLOCKS} seed blocks per "
+             "setting (mean ± standard deviation over blocks).")  # fmt: skip
+    return {
+        "setup": setup,
+        "ddpm-ddim": ddpm_and_ddim(),
+        "adm": adm(),
+        "thresholding": thresholding(),
+        "noise-aug": noise_augmentation(),
+        "latent": latent_against_pixels(),
+    }
+
+
+if __name__ == "__main__":
+    for body in run().values():
+        print(body, end="\n\n")
