@@ -25,7 +25,7 @@ def register_pipelines(register: Register) -> None:
     register("imagen", "diffplug_imagen.cascade:Cascade",
              "prompts -> base model -> super-resolution stages")  # fmt: skip
     register("imagen-emoji", "diffplug_imagen.cascade:EmojiCascade",
-             "prompts -> 16x16 emoji -> 32x32 (the imagen cascade with the emoji models)")  # fmt: skip
+             "prompts -> 16x16 emoji -> 32x32 (imagen with the emoji models)")  # fmt: skip
 
 
 @hookimpl
