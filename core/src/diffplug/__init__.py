@@ -111,6 +111,11 @@ _LAZY = {
     "DigitsClassifier": "diffplug.evaluate",
     "load_classifier": "diffplug.evaluate",
     "to_digits": "diffplug.evaluate",
+    "FeatureSpace": "diffplug.features",  # the feature-space contract (register_features)
+    "feature_space": "diffplug.features",
+    "frechet_distance": "diffplug.metrics",
+    "kid": "diffplug.metrics",
+    "precision_recall": "diffplug.metrics",
     # a whole module: its function ``evaluate`` shares the module's name, and the import
     # system binds ``diffplug.evaluate`` to the module once it is imported, so only the
     # module can be exported unambiguously (``evaluate.evaluate(samples)``)

@@ -42,6 +42,7 @@ from torch import nn
 
 from diffplug.data import digits, resize
 from diffplug.errors import UserError
+from diffplug.metrics import frechet_distance
 
 SIZE = 8
 FEATURES = 64
@@ -213,27 +214,6 @@ def _round_trip(images: torch.Tensor, size: int) -> torch.Tensor:
     """Real 8x8 digits as a model trained at ``size`` saw them (``digits(split, size)``), then
     brought back to 8x8 like its samples: the resizes blur, and the reference must share it."""
     return resize(resize(images, size), SIZE) if size != SIZE else images
-
-
-def frechet_distance(feats_a: Any, feats_b: Any) -> float:
-    """FD between Gaussians fitted to two (N, D) feature sets (ddof=1 covariances), float64.
-
-    tr sqrt(Sa Sb) is computed as the sum of sqrt-eigenvalues of the symmetric PSD matrix
-    sqrt(Sa) Sb sqrt(Sa): no complex parts, no scipy.
-    """
-    a = np.asarray(torch.as_tensor(feats_a).double().cpu(), dtype=np.float64)
-    b = np.asarray(torch.as_tensor(feats_b).double().cpu(), dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise UserError(f"frechet_distance needs (N>=2, D) sets; got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    vals, vecs = np.linalg.eigh(cov_a)
-    root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-    middle = root_a @ cov_b @ root_a
-    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
-    return float(max(fd, 0.0))
 
 
 def real_pairs(

@@ -85,5 +85,11 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_features(register: Register) -> None:
+    """Feature spaces for ``diffplug eval --reference --features NAME``: ``target`` names a
+    subclass of ``diffplug.FeatureSpace`` (see ``diffplug.features``)."""
+
+
+@hookspec
 def register_commands(register: Register) -> None:
     """Extra CLI commands: ``target`` names a click command."""

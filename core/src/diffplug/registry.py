@@ -54,6 +54,7 @@ KINDS: dict[str, str] = {
     "pretrained": "register_pretrained",
     "pipeline": "register_pipelines",
     "dataset": "register_datasets",
+    "feature": "register_features",
     "command": "register_commands",
 }
 #: words a user may type for a kind.
@@ -129,6 +130,7 @@ INTERFACES = {
     "process": ("diffplug.process", "Process"),
     "method": ("diffplug.method", "Method"),
     "dataset": ("diffplug.datasets", "ImageDataset"),
+    "feature": ("diffplug.features", "FeatureSpace"),
 }
 
 

@@ -1,4 +1,5 @@
-"""``diffplug eval``: score a samples file with the digits evaluator (see diffplug.evaluate)."""
+"""``diffplug eval``: the digits score of a samples file (``diffplug.evaluate``), or, with
+``--reference``, two image sets compared in a feature space (``diffplug.compare``)."""
 
 from __future__ import annotations
 
@@ -11,72 +12,97 @@ import click
 
 from diffplug.errors import UserError
 
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-TOLERANCE = 1e-4  # [0, 1] up to rounding
-
 
 @click.command()
-@click.argument("samples", metavar="SAMPLES.safetensors", type=click.Path(path_type=Path))
+@click.argument("samples", metavar="SAMPLES")
+@click.option(
+    "--reference",
+    metavar="FOLDER|DATASET|SAMPLES",
+    help="compare SAMPLES with these images: a folder, a data set (its held-out split; "
+    "NAME:train for the other) or a samples .safetensors",
+)
+@click.option(
+    "--features",
+    metavar="NAME|WEIGHTS.safetensors",
+    help="the feature space of --reference: pixels (the default; needs no weights), "
+    "inception (FID's; needs a weights file), digits, or a plugin's (emoji); a weights "
+    "file names its own space",
+)
+@click.option(
+    "--features-weights",
+    metavar="FILE",
+    help="weights for --features (inception: what scripts/convert_fid_inception.py writes)",
+)
+@click.option("--kid-subsets", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--kid-subset-size", type=click.IntRange(2), default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="seed of the real digits drawn"
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="seed of the real digits drawn (with --reference: of KID's subsets)",
 )
-def evaluate(samples: Path, as_json: bool, seed: int) -> None:
-    """Score samples: digits FD beside its real-vs-real floor, classes, memorisation.
+def evaluate(
+    samples: str,
+    reference: str | None,
+    features: str | None,
+    features_weights: str | None,
+    kid_subsets: int,
+    kid_subset_size: int,
+    as_json: bool,
+    seed: int,
+) -> None:
+    """Score samples. With --reference: FD, KID, precision and recall against the reference
+    images in a named feature space. Without: the digits score (digits FD beside its
+    real-vs-real floor, classes, memorisation).
 
     SAMPLES is a file from `diffplug run -o NAME.safetensors` (a "samples" tensor
-    (N, 1 or 3, S, S) in [0, 1]). Other sizes are resized to 8x8 and RGB made grey; the
+    (N, 1 or 3, S, S) in [0, 1]); with --reference it may also be a folder of images or a
+    data set. For the digits score, other sizes are resized to 8x8 and RGB made grey; the
     real digits they are compared with go through the same resizes.
     """
-    from diffplug.evaluate import evaluate as score
+    if reference is not None:
+        result = _compare(samples, reference, features, features_weights, seed=seed,
+                          kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        from diffplug.compare import report as compare_report
 
-    images = read_samples(samples)
-    result = {"file": os.fspath(samples), **score(images * 2 - 1, seed=seed)}
+        click.echo(compare_report(result))
+        return
+    if features or features_weights:
+        raise UserError("--features compares two sets: give --reference FOLDER|DATASET|SAMPLES")
+    from diffplug.evaluate import evaluate as score
+    from diffplug.image_sets import read_samples
+
+    path = Path(samples)
+    if path.is_dir():
+        raise UserError(
+            f"{path} is not a file: the digits score takes a samples .safetensors; "
+            "compare a folder with --reference FOLDER|DATASET|SAMPLES"
+        )
+    images = read_samples(path)
+    result = {"file": os.fspath(path), **score(images * 2 - 1, seed=seed)}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(report(result, tuple(images.shape)))
 
 
-def read_samples(path: Path) -> Any:
-    """The "samples" tensor of a safetensors file, validated: (N>=2, 1|3, S, S), in [0, 1]."""
-    import torch
-    from safetensors import safe_open
+def _compare(
+    samples: str, reference: str, features: str | None, weights: str | None, **options: Any
+) -> dict[str, Any]:
+    """``eval --reference``: the feature space first (a bad one fails before any image is
+    read), then both sets, then the comparison."""
+    from diffplug.compare import compare
+    from diffplug.features import feature_space
+    from diffplug.image_sets import load_image_set
 
-    from diffplug.checkpoint import read_header
-
-    if path.suffix.lower() == ".png":
-        raise UserError(f"{path}: a PNG grid cannot be scored; sample with -o NAME.safetensors")
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path} is not a file")
-    header, _ = read_header(path)  # a CheckpointError (exit 2) if it is not safetensors
-    entry = header.get("samples")
-    if entry is None:
-        found = ", ".join(sorted(header)) or "none"
-        raise UserError(
-            f"{path}: no 'samples' tensor (found: {found}); write one with "
-            "`diffplug run -o NAME.safetensors`"
-        )
-    shape = entry["shape"]
-    if entry["dtype"] not in FLOAT_DTYPES:
-        raise UserError(f"{path}: 'samples' is {entry['dtype']}; expected floats in [0, 1]")
-    if len(shape) != 4 or shape[1] not in (1, 3) or shape[0] < 2 or not shape[2] == shape[3] > 0:
-        raise UserError(
-            f"{path}: 'samples' has shape {tuple(shape)}; expected (N>=2, 1 or 3, S, S)"
-        )
-    with safe_open(os.fspath(path), framework="pt") as fh:
-        images = fh.get_tensor("samples").float()
-    if not torch.isfinite(images).all():
-        raise UserError(f"{path}: 'samples' holds NaN or Inf")
-    low, high = float(images.min()), float(images.max())
-    if low < -TOLERANCE or high > 1 + TOLERANCE:
-        raise UserError(
-            f"{path}: 'samples' values span [{low:.3g}, {high:.3g}]; expected [0, 1] "
-            "(diffplug writes samples in [0, 1])"
-        )
-    return images.clamp(0, 1)
+    space = feature_space(features, weights)
+    ours, theirs = load_image_set(samples), load_image_set(reference)
+    return compare(ours, theirs, space, **options)
 
 
 def report(r: dict[str, Any], shape: tuple[int, ...]) -> str:
