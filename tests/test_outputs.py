@@ -5,7 +5,9 @@ else; import-diffusers and new-plugin check where they write before any work."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,3 +233,67 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# -- one PNG per sample, each with its recipe and A1111's ``parameters`` ------------------
+#: A1111's own parser of the ``parameters`` line (``infotext_utils.re_param``)
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _a1111(text):
+    """(prompt, negative prompt, {key: value}) as A1111's ``parse_generation_parameters``."""
+    *lines, last = text.strip().split("\n")
+    prompt, negative, done = "", "", False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            done, line = True, line[16:].strip()
+        if done:
+            negative += ("" if not negative else "\n") + line
+        else:
+            prompt += ("" if not prompt else "\n") + line
+    fields = {k: (json.loads(v) if v.startswith('"') else v) for k, v in A1111_PARAM.findall(last)}
+    return prompt, negative, fields
+
+
+def test_a_folder_gets_one_png_per_sample_with_its_own_recipe_and_parameters(tmp_path):
+    out = tmp_path / "each"
+    result = run_cli("run", "--model", "imagen-digits-base", "--sampler", "dpmpp-2m",
+                     "--schedule", "karras", "--steps", "3", "--guidance", "3", "--seed", "40",
+                     "--prompt", "a 3, neatly", "--prompt", "seven", "--negative-prompt", "8",
+                     "--num-samples", "3", "-q", "-o", f"{out}/")  # fmt: skip
+    assert result.code == 0, result.err
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"]
+    digest = file_sha256(default_registry().get("pretrained", "imagen-digits-base").load())
+    for k, prompt in enumerate(["a 3, neatly", "seven", "a 3, neatly"]):
+        with Image.open(out / f"{k:05d}.png") as im:
+            recipe, text = json.loads(im.text["diffplug.recipe"]), im.text["parameters"]
+        assert recipe["seeds"] == [40 + k] and recipe["prompts"] == [prompt]
+        got_prompt, negative, fields = _a1111(text)
+        assert (got_prompt, negative) == (prompt, "8")
+        assert fields == {"Steps": "3", "Sampler": "DPM++ 2M", "Schedule type": "Karras",
+                          "CFG scale": "3", "Seed": str(40 + k), "Size": "8x8",
+                          "Model hash": digest[:10], "Model": "imagen-digits-base",
+                          "Version": fields["Version"]}  # fmt: skip
+
+
+def test_a_grid_carries_its_first_samples_parameters_and_img2img_its_strength(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("L", (8, 8), 90).save(init)
+    out = tmp_path / "grid.png"
+    result = run_cli("run", "--sampler", "ddim", "--model", "ddpm-digits", "--steps", "4",
+                     "--num-samples", "2", "--seed", "7", "--init-image", str(init),
+                     "--strength", "0.5", "-q", "-o", str(out))  # fmt: skip
+    assert result.code == 0, result.err
+    with Image.open(out) as im:
+        prompt, negative, fields = _a1111(im.text["parameters"])
+    assert (prompt, negative) == ("", "")
+    assert fields["Seed"] == "7" and fields["Sampler"] == "DDIM" and fields["Size"] == "8x8"
+    assert fields["Denoising strength"] == "0.5" and fields["Schedule type"] == "Automatic"
+
+
+def test_a_folder_output_is_checked_before_any_work(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("mine")
+    result = run_cli("run", "--sampler", "ddim", "--model", "no-such-model", "-o", f"{full}/")
+    assert_clean_error(result, "is not empty; pass --overwrite")

@@ -16,6 +16,7 @@ every Gaussian process unchanged, as k-diffusion's samplers run on any model its
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 
 from diffplug.bridge import ModelView, bridge
 from diffplug.components import Schedule, Scheduler
+from diffplug.errors import IncompatibleError
 from diffplug.plan import Plan, Stepper
 from diffplug.process import Process
 from diffplug.schedules import Karras, NoiseTable
@@ -50,10 +52,25 @@ class LevelPlan(Plan):
     levels: list[float] = field(default_factory=list)
     #: builds one batch's stepper
     make_stepper: Any = None
+    #: plans the same sampler on other levels (``LevelSampler.plan_levels``), for ``tail``
+    replan: Any = None
     linear = False
 
     def begin(self, x: torch.Tensor) -> Stepper:
         return self.make_stepper(self.levels)
+
+    def tail(self, step: int) -> tuple[Plan, int | None]:
+        """The sampler planned anew on the levels from step ``step`` on, as A1111 and
+        ComfyUI start k-diffusion's samplers part-way: a multistep solver's history then
+        starts at the first of them (its first step is of low order)."""
+        if step == 0 or self.replan is None:
+            return super().tail(step)
+        if self.step_of is None and len(self) != len(self.levels) - 1:
+            raise IncompatibleError(
+                "this sampler makes more than one denoiser call per step but does not say "
+                "which calls form a step (LevelSampler.steps_of), so it cannot start part-way"
+            )
+        return self.replan(self.levels[step:]), None
 
 
 class LevelSampler(Scheduler):
@@ -91,6 +108,10 @@ class LevelSampler(Scheduler):
     def plan(self, process: Process, steps: int) -> Plan:
         schedule = self.schedule if self.schedule is not None else self.default_schedule()
         levels = schedule.levels(process, steps, *self.sigma_range).tolist()
+        return self.plan_levels(process, levels)
+
+    def plan_levels(self, process: Process, levels: list[float]) -> LevelPlan:
+        """The plan on these descending levels (the last 0)."""
         calls = self.evaluations(levels)
         noisy = self.noise(levels)
         times = NoiseTable.of(process).time_of(torch.tensor(calls, dtype=F64))
@@ -110,6 +131,7 @@ class LevelSampler(Scheduler):
             step_of=self.steps_of(levels),
             levels=levels,
             make_stepper=self.stepper,
+            replan=functools.partial(self.plan_levels, process),
             info={"levels": levels, "evaluation_levels": calls},
         )
 

@@ -16,6 +16,7 @@ import torch
 
 from diffplug.atomic import atomic_path, remove_stale
 from diffplug.errors import UserError
+from diffplug.parameters import parameters
 
 SUFFIXES = {".png": "a grid", ".safetensors": "the tensor"}
 MIN_CELL = 32
@@ -109,7 +110,8 @@ def grid(images: torch.Tensor, ncols: int | None = None, min_cell: int = MIN_CEL
 def write_samples(
     samples: torch.Tensor, path: str | os.PathLike[str], recipe: dict[str, Any]
 ) -> None:
-    """Write samples (data range) as a PNG grid or a safetensors file, atomically."""
+    """Write samples (data range) as a PNG grid or a safetensors file, atomically; a grid's
+    A1111 ``parameters`` are its first sample's (A1111's grids say the same)."""
     path = Path(path)
     unit = to_unit(samples)
     text = json.dumps(recipe, sort_keys=True)
@@ -121,7 +123,8 @@ def write_samples(
                 {"samples": unit.contiguous()}, os.fspath(tmp), metadata={"diffplug.recipe": text}
             )
         return
-    _write_png(grid(unit), path, text)
+    size = (unit.shape[-1], unit.shape[-2])
+    _write_png(grid(unit), path, text, parameters(recipe, size))
 
 
 def to_pil(image: torch.Tensor) -> Any:
@@ -132,20 +135,24 @@ def to_pil(image: torch.Tensor) -> Any:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def _write_png(image: torch.Tensor, path: Path, recipe_text: str) -> None:
+def _write_png(image: torch.Tensor, path: Path, recipe_text: str, params: str) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("diffplug.recipe", recipe_text)
+    info.add_text("parameters", params)  # as A1111 writes it (iTXt when not Latin-1)
     with atomic_path(path) as tmp:
         to_pil(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def save_folder(images: torch.Tensor, folder: Path, recipes: list[dict[str, Any]]) -> None:
-    """One PNG per sample (``00000.png``...), each written atomically with its own recipe."""
+    """One PNG per sample (``00000.png``...), each written atomically with its own recipe
+    and A1111 ``parameters``."""
     folder.mkdir(exist_ok=True)
     for k, (image, recipe) in enumerate(zip(images, recipes, strict=True)):
-        _write_png(image.float(), folder / f"{k:05d}.png", json.dumps(recipe, sort_keys=True))
+        size = (image.shape[-1], image.shape[-2])
+        _write_png(image.float(), folder / f"{k:05d}.png", json.dumps(recipe, sort_keys=True),
+                   parameters(recipe, size))  # fmt: skip
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:

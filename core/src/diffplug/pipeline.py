@@ -8,9 +8,11 @@ each stage.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +73,35 @@ class Pipeline(ABC):
         """Every stage's output, the final images last."""
 
 
+#: a cascade's img2img / inpainting inputs, waiting for its base stage (``starting_base``)
+_BASE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "diffplug_base_start", default=None
+)
+
+
+@contextlib.contextmanager
+def starting_base(given: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Give ``Run.sample``'s ``init``, ``mask``, ``strength`` and ``repaint`` (``given``) to
+    the first stage ``run_stage`` samples inside the block: a cascade's base stage. Pipelines
+    keep their ``run`` signature; the later stages see the base's output as always. Yields
+    what the recipe keeps of the init, filled once the base stage has used it."""
+    used: dict[str, Any] = {}
+    if all(v is None for v in given.values()):
+        yield used
+        return
+    pending = {"given": given, "used": used, "done": False}
+    token = _BASE.set(pending)
+    try:
+        yield used
+    finally:
+        _BASE.reset(token)
+    if not pending["done"]:
+        raise IncompatibleError(
+            "this pipeline does not sample its stages through run_stage, so it cannot start "
+            "from an init image"
+        )
+
+
 def run_stage(
     spec: StageSpec,
     *,
@@ -108,8 +139,15 @@ def run_stage(
         raise IncompatibleError(
             f"stage model {run.model_name} is unconditional but was given conditions"
         )
+    start, pending = None, _BASE.get()
+    if pending is not None and not pending["done"]:  # the base stage of an img2img cascade
+        pending["done"] = True
+        given = pending["given"]
+        start = run.init(len(seeds), given["init"], given["mask"], given["strength"],
+                         given["repaint"])  # fmt: skip
+        pending["used"].update(start.record() if start else {})
     images = run.draw(seeds, conditions if run.conditioner is not None else None,
-                      batch_size=batch_size, progress=progress)  # fmt: skip
+                      batch_size=batch_size, progress=progress, init=start)  # fmt: skip
     recipe = {k: v for k, v in run.recipe.items() if k not in ("format", "versions", "device")}
     return StageResult(run.model_name, images, recipe)
 

@@ -17,6 +17,7 @@ step (its times, the input scale) is the model view ``diffplug.bridge`` builds b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,3 +100,64 @@ class Plan:
         """The step, for samplers whose update is not the linear form above."""
         out = x * self.a[i] + x0 * self.b[i] + eps * self.c[i]
         return out if z is None else out + z * self.d[i]
+
+    def tail(self, step: int) -> tuple[Plan, int | None]:
+        """The plan from sampler step ``step`` on (img2img starts part-way through it), and
+        the call of this plan the tail's first call is; None when the tail is planned anew
+        (``LevelPlan``: its calls are then not a suffix of these).
+
+        The default cuts every table at the step's first call. A plan whose stepper indexes
+        tables of its own (``begin`` or ``update`` overridden) gets its stepper shifted by
+        that many calls, so it still reads its own row; its history starts empty, as a
+        diffusers scheduler's does after ``set_begin_index``."""
+        if step == 0:
+            return self, 0
+        steps = sorted(set(self.step_of)) if self.step_of is not None else range(len(self))
+        if not 0 < step < len(steps):
+            raise UserError(f"cannot start at step {step} of {len(steps)}")
+        start = step if self.step_of is None else self.step_of.index(steps[step])
+        names = ("t", "alpha", "sigma", "a", "b", "c", "d")
+        cut: dict = {name: getattr(self, name)[start:] for name in names}
+        if self.step_of is not None:
+            cut["step_of"] = [s - steps[step] for s in self.step_of[start:]]
+        cut["info"] = {**self.info, "first_call": start}
+        own = type(self).begin is not Plan.begin or type(self).update is not Plan.update
+        if not own:
+            return dataclasses.replace(self, **cut), start
+        return ShiftedPlan(**cut, init_scale=self.init_scale, transforms=self.transforms,
+                           inner=self, offset=start), start  # fmt: skip
+
+
+def kept_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` img2img runs at ``strength`` in (0, 1]: the last
+    ``int(steps * strength)``, diffusers' rule, so its pipelines and ours start alike."""
+    return min(int(steps * strength), steps)
+
+
+@dataclass
+class ShiftedPlan(Plan):
+    """The tail of a plan with a stepper of its own: call i here is call ``offset + i``
+    there, and the stepper is told so."""
+
+    inner: Plan | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        assert self.inner is not None
+        self.linear = self.inner.linear
+
+    def begin(self, x: torch.Tensor) -> Stepper:
+        assert self.inner is not None
+        return _Shifted(self.inner.begin(x) or self.inner, self.offset)
+
+
+@dataclass
+class _Shifted:
+    stepper: Stepper
+    offset: int
+
+    def update(
+        self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.stepper.update(i + self.offset, x, x0, eps, z)

@@ -21,14 +21,22 @@ from typing import Any
 
 import torch
 
-from diffplug import __version__
+from diffplug import __version__, init_image
 from diffplug.checkpoint import file_sha256, load_component, read_metadata
 from diffplug.components import Autoencoder, Conditioner, Denoiser, Schedule, Scheduler
 from diffplug.conditioners import build_conditioner, load_condition_images, recorded_conditioner
 from diffplug.errors import CheckpointError, IncompatibleError, OptionError, UserError
+from diffplug.init_image import (
+    Init,
+    Source,
+    check_repaint,
+    check_strength,
+    load_images,
+    load_masks,
+)
 from diffplug.options import build_config, describe
 from diffplug.output import read_recipe, to_unit
-from diffplug.pipeline import configure
+from diffplug.pipeline import configure, starting_base
 from diffplug.registry import Entry, Registry, default_registry
 from diffplug.resolve import find_default_model, model_path, recorded_name
 from diffplug.samples import Samples
@@ -53,6 +61,7 @@ def load(
     threshold: str | None = None,
     percentile: float | None = None,
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     chunk: int | None = None,
     pipeline: str | None = None,
     recipe: str | os.PathLike[str] | dict[str, Any] | None = None,
@@ -75,14 +84,17 @@ def load(
     installed that differs from it (a plugin version, a weights file) is refused unless
     ``allow_different``, which warns instead. ``chunk`` is the number of rows per denoiser
     call (default 64 on the CPU: sample k is then bitwise the same at any batch size and
-    thread count; 0 calls on whole batches, the default on GPUs).
+    thread count; 0 calls on whole batches, the default on GPUs). ``device`` is ``auto``
+    (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``; ``dtype`` (``float32``,
+    ``float16``, ``bfloat16``) the precision of the components and the loop. Either,
+    unavailable here, is a one-line ``UserError``.
     """
     registry = registry or default_registry()
     if recipe is not None:
         given = dict(model=model, sampler=sampler, steps=steps, schedule=schedule,
                      sigma_min=sigma_min, sigma_max=sigma_max, conditioner=conditioner,
                      autoencoder=autoencoder, guidance=guidance, threshold=threshold,
-                     percentile=percentile, pipeline=pipeline, chunk=chunk,
+                     percentile=percentile, pipeline=pipeline, chunk=chunk, dtype=dtype,
                      **options)  # fmt: skip
         extra = sorted(k for k, v in given.items() if v is not None)
         if extra:
@@ -99,6 +111,8 @@ def load(
             )
         if chunk is not None:
             raise UserError("chunk goes with a single model; a pipeline's stages use the default")
+        if dtype is not None and resolve_dtype(dtype) != torch.float32:
+            raise UserError("dtype goes with a single model; a pipeline's stages run in float32")
         shared = {"guidance": guidance, "threshold": threshold, "percentile": percentile,
                   "base_steps": steps}  # fmt: skip
         options = {**{k: v for k, v in shared.items() if v is not None}, **options}
@@ -117,7 +131,8 @@ def load(
         guidance=guidance,
         threshold=threshold,
         percentile=percentile,
-        device=resolve_device(device),
+        device=(where := resolve_device(device)),
+        dtype=resolve_dtype(dtype, where),
         options=options,
         chunk=chunk,
     )
@@ -149,8 +164,9 @@ class Run:
         options: dict[str, Any],
         strict_options: bool = True,
         chunk: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.registry, self.device = registry, device
+        self.registry, self.device, self.dtype = registry, device, dtype
         self._sampler_entry = registry.get("scheduler", sampler)
         sampler_cls = self._sampler_entry.load()
         own = {o.name for o in describe(sampler_cls.Config)}
@@ -191,6 +207,10 @@ class Run:
         if not 0 < self.percentile <= 1:  # NaN too: click's range lets it through
             raise OptionError(f"percentile must be in (0, 1]; got {percentile!r}")
         self.steps = self.scheduler.default_steps if steps is None else steps
+        if dtype != torch.float32:  # the whole model in that precision, and the loop
+            for part in (self.denoiser, self.conditioner, self.autoencoder):
+                if part is not None:
+                    part.to(dtype)
         try:
             self.loop: Loop = prepare(
                 self.denoiser,
@@ -201,6 +221,7 @@ class Run:
                 autoencoder=self.autoencoder,
                 transforms=thresholds(self.threshold, self.percentile),
                 device=device,
+                dtype=dtype,
                 chunk=chunk,
             )
         except IncompatibleError as exc:
@@ -296,6 +317,10 @@ class Run:
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         images: str | os.PathLike[str] | Sequence[torch.Tensor] | None = None,
+        init: Source | None = None,
+        mask: Source | None = None,
+        strength: float | None = None,
+        repaint: int | None = None,
         batch_size: int | None = None,
         callback: Callable[[Step], None] | None = None,
         progress: bool = True,
@@ -305,18 +330,56 @@ class Run:
         ``negative_prompt`` (the same) replaces the empty prompt of guidance's unconditional
         half (refused unguided, where it would change nothing); ``images`` (a folder, a
         samples ``.safetensors``, or tensors in [-1, 1]) for an image-conditional one. ``n``
-        defaults to one per prompt, else one per seed, else 1."""
+        defaults to one per prompt, else one per seed, else 1.
+
+        ``init`` (img2img: an image, a folder whose k-th image goes to sample k, a samples
+        ``.safetensors``, a PIL image or a tensor in [0, 1]) starts the last
+        ``int(steps * strength)`` steps from it, noised with the sample's own noise;
+        ``mask`` (the same forms; white = regenerate) inpaints: the black region is kept,
+        ``repaint`` N resamples each step N more times (docs/generation.md)."""
         seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
         negative = (_prompts(negative_prompt) if negative_prompt is not None
                     else self.defaults.get("negative_prompts"))  # fmt: skip
         if images is None:
             images = self.defaults.get("condition_images")
         negatives = self.negatives(len(seeds), negative)  # refused first: cheap to check
+        start = self.init(len(seeds), init, mask, strength, repaint)
         conditions = self.conditions(len(seeds), prompts, images)
         x = self.draw(seeds, conditions, negatives=negatives, batch_size=batch_size,
-                      callback=callback, progress=progress)  # fmt: skip
+                      callback=callback, progress=progress, init=start)  # fmt: skip
         recipe = self.recipe_for(seeds, prompts, images, len(seeds), negative)
-        return Samples(to_unit(x), recipe)
+        return Samples(to_unit(x), {**recipe, **(start.record() if start else {})})
+
+    def init(
+        self,
+        n: int,
+        init: Source | None = None,
+        mask: Source | None = None,
+        strength: float | None = None,
+        repaint: int | None = None,
+    ) -> Init | None:
+        """The init of ``n`` samples (img2img, inpainting), checked, or None (or a replay's);
+        ``Init.record`` is what the recipe keeps of it."""
+        index = None
+        if init is None and mask is None and strength is None and repaint is None:
+            given = self.defaults
+            init, mask, strength = given.get("init_image"), given.get("mask"), given.get("strength")
+            repaint, index = given.get("repaint"), given.get("init_index")
+        if init is None:
+            for name, value in (("mask", mask), ("strength", strength)):
+                if value is not None:
+                    raise UserError(f"--{name} goes with --init-image (the image to start from)")
+            if repaint:
+                raise UserError("--repaint goes with --mask and --init-image")
+            return None
+        strength = 1.0 if strength is None else check_strength(strength)
+        repaint = check_repaint(repaint or 0)
+        if repaint and mask is None:
+            raise UserError("--repaint resamples an inpainted region: it goes with --mask")
+        images = load_images(init, n, self.image_shape, index=index)
+        masks = None if mask is None else load_masks(mask, n, self.image_shape[-2:], index)
+        names = (init_image.describe(init), None if mask is None else init_image.describe(mask))
+        return Init(images, strength, masks, repaint, names, None if index is None else (*index,))
 
     def draw(
         self,
@@ -327,14 +390,16 @@ class Run:
         batch_size: int | None = None,
         callback: Callable[[Step], None] | None = None,
         progress: bool = False,
+        init: Init | None = None,
     ) -> torch.Tensor:
         """Samples in the data range [-1, 1] (on the run's device) for ``seeds``, one
         condition input (and, guided, optionally one negative prompt: ``negatives``) per
-        seed: the building block of ``sample``, pipelines and torchrun."""
+        seed, from one ``init`` row per seed if given: the building block of ``sample``,
+        pipelines and torchrun."""
         if not seeds:
             return torch.zeros((0, *self.image_shape), device=self.device)
         return self.loop.draw(seeds, conditions, negatives=negatives, batch_size=batch_size,
-                              callback=callback, progress=progress)  # fmt: skip
+                              callback=callback, progress=progress, init=init)  # fmt: skip
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -440,6 +505,7 @@ class Run:
             "threshold": self.threshold,
             "percentile": self.percentile,
             "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "chunk": self.loop.chunk,
             "versions": self.versions(),
         }
@@ -538,10 +604,16 @@ class PipelineRun:
         seeds: Sequence[int] | None = None,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
+        init: Source | None = None,
+        mask: Source | None = None,
+        strength: float | None = None,
+        repaint: int | None = None,
         batch_size: int | None = None,
         progress: bool = True,
     ) -> Samples:
-        """The final stage's images; ``Samples.stages`` holds every stage's, base first."""
+        """The final stage's images; ``Samples.stages`` holds every stage's, base first.
+        ``init``, ``mask``, ``strength`` and ``repaint`` go to the base stage (as
+        ``Run.sample``'s, at the base model's image size)."""
         if negative_prompt is not None:
             raise UserError(
                 "negative_prompt goes with a single text model; a pipeline's stages guide "
@@ -549,9 +621,14 @@ class PipelineRun:
             )
         seeds, prompts = _seeds_and_prompts(self.defaults, n, seed, seeds, prompt)
         cycled = [prompts[k % len(prompts)] for k in range(len(seeds))] if prompts else None
-        stages = self.pipeline.run(prompts=cycled, seeds=seeds, batch_size=batch_size or 64,
-                                   device=self.device, progress=progress)  # fmt: skip
-        base = {**self.recipe, "seeds": seeds, "prompts": cycled}
+        given = {"init": init, "mask": mask, "strength": strength, "repaint": repaint}
+        if all(v is None for v in given.values()):
+            given = {k: self.defaults.get(r) for k, r in (("init", "init_image"), ("mask", "mask"),
+                     ("strength", "strength"), ("repaint", "repaint"))}  # fmt: skip
+        with starting_base(given) as used:
+            stages = self.pipeline.run(prompts=cycled, seeds=seeds, batch_size=batch_size or 64,
+                                       device=self.device, progress=progress)  # fmt: skip
+        base = {**self.recipe, "seeds": seeds, "prompts": cycled, **used}
         each = [Samples(to_unit(s.images), {**base, "stage": k, **s.recipe})
                 for k, s in enumerate(stages)]  # fmt: skip
         return Samples(each[-1].tensor, {**base, "stages": [s.recipe for s in stages]}, each)
@@ -621,13 +698,15 @@ def _replay(
             guidance=recipe["guidance"],
             threshold=recipe["threshold"],
             percentile=recipe["percentile"],
-            device=resolve_device(device),
+            device=(where := resolve_device(device)),
+            dtype=resolve_dtype(recipe.get("dtype"), where),
             options=options,
             strict_options=False,
             chunk=recipe.get("chunk", 0),
         )
     run.defaults = {k: recipe[k] for k in ("seeds", "prompts", "negative_prompts",
-                                           "condition_images")
+                                           "condition_images", "init_image", "mask",
+                                           "strength", "repaint", "init_index")
                     if recipe.get(k) is not None}  # fmt: skip
     return run
 
@@ -705,6 +784,26 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+#: the precisions sampling runs in
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(
+    name: str | torch.dtype | None, device: torch.device | None = None
+) -> torch.dtype:
+    """``float32`` (None), ``float16`` or ``bfloat16``; one the device cannot run is refused."""
+    if name is None:
+        return torch.float32
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    dtype = DTYPES[key]
+    cuda = device is not None and device.type == "cuda"
+    if cuda and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bfloat16: this CUDA device has no bfloat16; use float16")
+    return dtype
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
@@ -776,4 +875,4 @@ def _seed(value: Any) -> int:
     return value
 
 
-__all__ = ["PipelineRun", "Run", "load", "resolve_device"]
+__all__ = ["PipelineRun", "Run", "load", "resolve_device", "resolve_dtype"]

@@ -54,7 +54,7 @@ class Samples:
     def recipe_of(self, k: int) -> dict[str, Any]:
         """The recipe of sample ``k`` alone: its seed, its prompt."""
         recipe = copy.deepcopy(self.recipe)
-        for key in ("seeds", "prompts", "negative_prompts"):
+        for key in ("seeds", "prompts", "negative_prompts", "init_index"):
             if isinstance(recipe.get(key), list) and len(recipe[key]) == len(self):
                 recipe[key] = [recipe[key][k]]
         return recipe

@@ -7,6 +7,8 @@ coefficients, so the loop never syncs with the device and never re-derives a sch
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +20,13 @@ from tqdm.auto import tqdm
 from diffplug.bridge import ModelView, model_view, planning_process
 from diffplug.components import Autoencoder, Cond, Conditioner, Denoiser, Scheduler
 from diffplug.errors import IncompatibleError, NonFiniteError, PluginError, UserError
+from diffplug.init_image import Init
+from diffplug.inpaint import Region, mask_condition, region
 from diffplug.latent import check_autoencoder, is_pixel_space
 from diffplug.noise import NoiseSource
-from diffplug.plan import MAX_STEPS, Plan
+from diffplug.plan import MAX_STEPS, Plan, kept_steps
 from diffplug.prediction import Linear, as_tuple, linear
+from diffplug.process import Process
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 #: rows per denoiser call on the CPU: fixed, so samples do not depend on the batch size.
@@ -233,9 +238,7 @@ def prepare(
             "model's x0 is a latent of its autoencoder, which has no such range; sample it "
             "without them"
         )
-    tables = fold(plan, denoiser.prediction, view)
-    model_t = view.t if view is not None else plan.t
-    times = list(model_t.to(device=device, dtype=dtype).unbind(0))
+    tables, times, noisy_steps = _derive(plan, view, denoiser.prediction, device, dtype)
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
     if conditioner is not None and conditioner.kind is not None:
         _preflight(denoiser, conditioner, times[0], device, dtype)
@@ -244,8 +247,45 @@ def prepare(
         small = sum(p.numel() for p in denoiser.parameters()) <= CHUNK_MAX_PARAMETERS
         chunk = DEFAULT_CHUNK if device.type == "cpu" and small and not exact else 0
     return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,
-                conditioner, autoencoder, sum(plan.noisy(i) for i in range(len(plan))),
-                device, dtype, chunk)  # fmt: skip
+                conditioner, autoencoder, noisy_steps, device, dtype, chunk, scheduler,
+                process)  # fmt: skip
+
+
+def _derive(
+    plan: Plan, view: ModelView | None, prediction: str, device: torch.device, dtype: torch.dtype
+) -> tuple[_Tables, list[torch.Tensor], int]:
+    """What the loop reads of a plan: its folded tables, the model's times, its noisy calls."""
+    tables = fold(plan, prediction, view)
+    model_t = view.t if view is not None else plan.t
+    times = list(model_t.to(device=device, dtype=dtype).unbind(0))
+    return tables, times, sum(plan.noisy(i) for i in range(len(plan)))
+
+
+def _view_tail(view: ModelView | None, start: int) -> ModelView | None:
+    """The model view of a plan's tail that starts at call ``start``."""
+    if view is None:
+        return None
+    info = {k: v[start:] if isinstance(v, list) else v for k, v in view.info.items()}
+    return ModelView(view.t[start:], view.scale[start:], view.alpha[start:],
+                     view.sigma[start:], info)  # fmt: skip
+
+
+def takes_mask(denoiser: Denoiser) -> bool:
+    """Whether the denoiser is an inpainting one (``takes_mask = True``): it reads cond
+    entries ``mask`` (B, 1, h, w; 1 = regenerate) and ``masked`` (the autoencoder's encoding
+    of the init with the regenerated region zeroed; pixels for a pixel model) and
+    concatenates them to x itself, as SD's 9-channel inpainting UNet does; the loop then
+    passes them and does not paste the known region."""
+    return bool(getattr(denoiser, "takes_mask", False))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Half-precision sampling runs under autocast as well as with the weights converted: a
+    network that builds a float32 part of its input (a sinusoidal time embedding) then still
+    meets its weights in their dtype."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -267,6 +307,32 @@ class Loop:
     dtype: torch.dtype
     #: rows per denoiser call (0: the whole batch); see ``_Caller``
     chunk: int = 0
+    #: the sampler and the process it planned on (for the plan's tail, img2img)
+    scheduler: Scheduler | None = None
+    process: Process | None = None
+
+    def start_at(self, strength: float) -> Loop:
+        """The loop of the last ``int(N * strength)`` of the plan's N steps (img2img; 1: this
+        loop). The tail's tables are folded here, once, as ``prepare`` folds the plan's."""
+        steps = self.plan.step_count()
+        keep = kept_steps(steps, strength)
+        if keep == steps:
+            return self
+        if keep < 1:
+            raise UserError(
+                f"strength {strength:g} of {steps} steps runs int({steps} * {strength:g}) = 0 "
+                "steps; raise the strength or the steps"
+            )
+        plan, start = self.plan.tail(steps - keep)
+        if start is not None:
+            view = _view_tail(self.view, start)
+        else:  # planned anew: the sampler views the model from the new plan
+            assert self.scheduler is not None and self.process is not None
+            view = model_view(self.scheduler, plan, self.denoiser.process, self.process)
+        tables, times, noisy = _derive(plan, view, self.denoiser.prediction, self.device,
+                                       self.dtype)  # fmt: skip
+        return dataclasses.replace(self, plan=plan, view=view, tables=tables, times=times,
+                                   noisy_steps=noisy)  # fmt: skip
 
     def draw(
         self,
@@ -279,12 +345,46 @@ class Loop:
         progress: bool = False,
         check_finite: bool = True,
         noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None = None,
+        init: Init | None = None,
     ) -> torch.Tensor:
         """``len(seeds)`` samples in the data range, sample k seeded by ``seeds[k]``, under
         ``conditions[k]`` and, guided, ``negatives[k]`` (a negative prompt) in place of the
-        null condition."""
+        null condition; from ``init`` (img2img, inpainting: ``diffplug.inpaint``) if given."""
         if not seeds:
             raise UserError("nothing to sample: no seeds given")
+        if init is not None:
+            self._check_init(init, len(seeds))
+            loop = self.start_at(init.strength)
+            return loop._draw(seeds, conditions, negatives, batch_size, callback, progress,
+                              check_finite, noise, init)  # fmt: skip
+        return self._draw(seeds, conditions, negatives, batch_size, callback, progress,
+                          check_finite, noise, None)  # fmt: skip
+
+    def _check_init(self, init: Init, n: int) -> None:
+        if len(init.images) != n or (init.mask is not None and len(init.mask) != n):
+            raise UserError(f"{len(init.images)} init images for {n} samples")
+        if init.repaint and (init.mask is None or takes_mask(self.denoiser)):
+            raise UserError("repaint resamples the regenerated region: it needs a mask and a "
+                            "denoiser that does not take the mask itself")  # fmt: skip
+        if init.repaint and not self.plan.linear:
+            raise IncompatibleError(
+                f"repaint takes a step again after noising back, which a sampler with a "
+                f"stepper of its own ({type(self.plan).__name__}: multistep history, two-call "
+                "steps) does not allow; use ddim, ddpm or adm"
+            )
+
+    def _draw(
+        self,
+        seeds: Sequence[int],
+        conditions: Sequence[Any] | None,
+        negatives: Sequence[Any] | None,
+        batch_size: int | None,
+        callback: Callable[[Step], None] | None,
+        progress: bool,
+        check_finite: bool,
+        noise: Callable[[Sequence[int], tuple[int, ...], int], Any] | None,
+        init: Init | None,
+    ) -> torch.Tensor:
         if conditions is not None and len(conditions) != len(seeds):
             raise UserError(f"{len(conditions)} conditions for {len(seeds)} samples")
         if negatives is not None:
@@ -302,7 +402,8 @@ class Loop:
         batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
         variants = conditioner.sweep() if conditioner is not None else [None]
         fused = self.plan.linear and not self.plan.transforms and not self.transforms
-        batch = _Batch(self, fused and callback is None, callback, noise)
+        batch = _Batch(self, fused and callback is None, callback, noise,
+                       init.repaint if init is not None else 0)  # fmt: skip
         was_training = denoiser.training
         denoiser.eval()
         out = []
@@ -310,23 +411,31 @@ class Loop:
         bar = tqdm(total=total, disable=not progress, desc="sampling", unit="step",
                    file=sys.stderr, leave=False)  # fmt: skip
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(self.device, self.dtype):
                 start = 0
                 for batch_seeds in batches:
                     size = len(batch_seeds)
                     inputs = _inputs(conditioner, conditions, start, size)
                     against = None if negatives is None else list(negatives[start : start + size])
+                    rows = None if init is None else init.rows(start, size)
+                    extra = self._mask_cond(rows, size) if takes_mask(denoiser) else None
                     best, best_score = None, None
                     for variant in variants:  # one, unless the conditioner sweeps (best of)
                         cond, null = _conditioning(variant, inputs, batch_seeds, self.guided,
                                                    self.chunk, against, everything)  # fmt: skip
-                        x = batch.run(batch_seeds, cond, null, bar.update if progress else None)
+                        if extra is not None:
+                            cond = {**(cond or {}), **extra}
+                            null = None if null is None else {**null, **extra}
+                        reg = None if rows is None else self._region(rows)
+                        x = batch.run(batch_seeds, cond, null, bar.update if progress else None,
+                                      region=reg)  # fmt: skip
                         # NaN/Inf from the denoiser propagates into x: one check per batch, no
                         # per-step sync. Only on failure is the batch replayed (same seeds) to
                         # find the step.
                         if check_finite and not bool(torch.isfinite(x).all()):
                             health = torch.zeros((n, size), device=self.device, dtype=self.dtype)
-                            batch.run(batch_seeds, cond, null, None, health=health)
+                            reg = None if rows is None else self._region(rows)
+                            batch.run(batch_seeds, cond, null, None, health=health, region=reg)
                             _raise_if_nonfinite(health, batch_seeds, self.plan)
                         if self.autoencoder is not None:
                             x = _in_chunks(self.autoencoder.decode, x, self.chunk)
@@ -348,6 +457,34 @@ class Loop:
             denoiser.train(was_training)
         return torch.cat(out)
 
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] in the denoiser's space (in fixed chunks, as decoding is)."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        if self.autoencoder is None:
+            return images
+        return _in_chunks(self.autoencoder.encode, images, self.chunk).to(self.dtype)
+
+    def _region(self, rows: Init) -> Region:
+        """One batch's init, encoded, with its mask at the denoiser's resolution."""
+        mask = None if rows.mask is None else rows.mask.to(device=self.device, dtype=self.dtype)
+        from_noise = (rows.mask is not None or takes_mask(self.denoiser)) and (
+            rows.strength == 1.0)  # fmt: skip
+        return region(self._encode(rows.images), mask, self.plan.alpha, self.plan.sigma,
+                      takes_mask=takes_mask(self.denoiser), from_noise=from_noise)  # fmt: skip
+
+    def _mask_cond(self, rows: Init | None, size: int) -> dict[str, torch.Tensor]:
+        """A ``takes_mask`` denoiser's mask and masked image for one batch (without an init:
+        everything regenerated, from a grey image)."""
+        if rows is None:
+            shape = self.autoencoder.image_shape(self.denoiser.sample_shape) if (
+                self.autoencoder is not None) else self.denoiser.sample_shape  # fmt: skip
+            images = torch.zeros((size, *shape), device=self.device, dtype=self.dtype)
+            mask = None
+        else:
+            images = rows.images.to(device=self.device, dtype=self.dtype)
+            mask = None if rows.mask is None else rows.mask.to(self.device, self.dtype)
+        return mask_condition(images, mask, self._encode, self.denoiser.sample_shape[-2:])
+
 
 @dataclass
 class _Batch:
@@ -357,6 +494,8 @@ class _Batch:
     fused: bool
     callback: Callable[[Step], None] | None
     noise: Any
+    #: RePaint resamplings per step (with a region to paste)
+    repaint: int = 0
 
     def check(self, pred: tuple, x: torch.Tensor) -> None:
         """The first step's prediction must be what the denoiser declares."""
@@ -377,23 +516,28 @@ class _Batch:
         null: Cond,
         tick: Callable[[int], Any] | None,
         health: torch.Tensor | None = None,
+        region: Region | None = None,
     ) -> torch.Tensor:
         loop = self.loop
-        plan, tables, view, size = loop.plan, loop.tables, loop.view, len(seeds)
+        plan, tables, view, size, n = loop.plan, loop.tables, loop.view, len(seeds), len(loop.plan)
+        noisy = [plan.noisy(i) for i in range(n)]
+        resample = self.repaint if region is not None else 0
+        draws = loop.noisy_steps + resample * sum(1 + noisy[i] for i in range(n - 1))
         shape = loop.denoiser.sample_shape
+        # half precision draws float32 noise and rounds it: a seed means the same noise
+        drawn = loop.dtype if loop.dtype.itemsize >= 4 else torch.float32
         src = (
-            self.noise(seeds, shape, loop.noisy_steps)
+            self.noise(seeds, shape, draws)
             if self.noise is not None
-            else NoiseSource(
-                seeds, shape, steps=loop.noisy_steps, device=loop.device, dtype=loop.dtype
-            )  # fmt: skip
+            else NoiseSource(seeds, shape, steps=draws, device=loop.device, dtype=drawn)
         )
-        x = src.initial().to(device=loop.device, dtype=loop.dtype) * plan.init_scale
+        eps0 = src.initial().to(device=loop.device, dtype=loop.dtype)
+        x = eps0 * plan.init_scale if region is None else region.start(eps0, plan.init_scale)
         stepper = plan.begin(x) or plan
         call = _Caller(loop, x, cond, null)  # buffers, times and conditions: once per batch
-        noisy = [plan.noisy(i) for i in range(len(plan))]
         scale = view.scale if view is not None else None
-        for i in range(len(plan)):
+
+        def advance(i: int, x: torch.Tensor) -> torch.Tensor:
             pred = call(x if scale is None else x * scale[i], i)
             if i == 0:
                 self.check(pred, x)
@@ -405,19 +549,29 @@ class _Batch:
                 x_next = _combine(tables.fx[i], x, tables.fp[i], pred)
                 if z is not None:
                     x_next.add_(z, alpha=plan.d[i])
-            else:
-                x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
-                eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
-                for transform in plan.transforms:  # the sampler's own: eps_hat is kept
+                return x_next
+            x0 = _combine(tables.x0_x[i], x, tables.x0_p[i], pred)
+            eps = _combine(tables.eps_x[i], x, tables.eps_p[i], pred)
+            for transform in plan.transforms:  # the sampler's own: eps_hat is kept
+                x0 = transform(x0)
+            if loop.transforms:  # the caller's (thresholding): eps_hat follows x0_hat
+                for transform in loop.transforms:
                     x0 = transform(x0)
-                if loop.transforms:  # the caller's (thresholding): eps_hat follows x0_hat
-                    for transform in loop.transforms:
-                        x0 = transform(x0)
-                    if plan.sigma[i] > 0:
-                        eps = (x - x0 * plan.alpha[i]) / plan.sigma[i]
-                x_next = stepper.update(i, x, x0, eps, z)
-                if self.callback is not None:
-                    self.callback(Step(i, len(plan), float(plan.t[i]), x_next, x0, seeds))
+                if plan.sigma[i] > 0:
+                    eps = (x - x0 * plan.alpha[i]) / plan.sigma[i]
+            x_next = stepper.update(i, x, x0, eps, z)
+            if self.callback is not None:
+                self.callback(Step(i, n, float(plan.t[i]), x_next, x0, seeds))
+            return x_next
+
+        for i in range(n):
+            x_next = advance(i, x)
+            if region is not None:  # inpainting: the known region, at the next call's level
+                x_next = region.paste(x_next, i + 1, inplace=self.fused)
+                for _ in range(resample if i + 1 < n else 0):  # RePaint: back, step again
+                    z = src.next().to(device=loop.device, dtype=loop.dtype)
+                    x_next = region.paste(advance(i, region.back(x_next, i, z)), i + 1,
+                                          inplace=self.fused)  # fmt: skip
             x = x_next
             if tick is not None and plan.ends_step(i):
                 tick(1)
@@ -573,10 +727,13 @@ def _preflight(
         if null is None:  # no null condition to try (and no guidance): the first step will tell
             return
         x = torch.zeros(1, *denoiser.sample_shape, device=device, dtype=dtype)
+        if takes_mask(denoiser):  # an inpainting denoiser reads a mask and a masked image
+            null = {**null, "mask": x.new_ones((1, 1, *x.shape[-2:])), "masked": x}
         was_training = denoiser.training
         denoiser.eval()  # as the loop will call it (batch norm, dropout)
         try:
-            denoiser(x, t.reshape(1), null)
+            with _autocast(torch.device(device), dtype):
+                denoiser(x, t.reshape(1), null)
         except Exception as exc:  # whatever the plugin raised, the reason is the combination
             given = {k: tuple(v.shape) for k, v in null.items()}
             raise IncompatibleError(

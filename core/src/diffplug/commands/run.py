@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -83,6 +84,34 @@ from diffplug.errors import UserError
     help="auto, cpu, cuda or mps  [default: auto: cuda, then mps, then cpu]",
 )
 @click.option(
+    "--dtype",
+    default=None,
+    help="float32, float16 or bfloat16: the model's and the loop's precision  [default: float32]",
+)
+@click.option(
+    "--init-image",
+    default=None,
+    help="img2img: start from this image (for every sample), a folder (its k-th image, sorted, "
+    "for sample k) or a samples .safetensors",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="with --init-image: run the last int(steps*S) steps, S in (0, 1]  [default: 1]",
+)
+@click.option(
+    "--mask",
+    default=None,
+    help="with --init-image: inpaint; white regenerates, black keeps (same forms as --init-image)",
+)
+@click.option(
+    "--repaint",
+    type=int,
+    default=None,
+    help="with --mask: RePaint resamplings per step (noise back, step again)  [default: 0]",
+)
+@click.option(
     "--output",
     "-o",
     default="samples.png",
@@ -133,6 +162,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
     negatives = list(kw["negative_prompts"])
     if kw["guidance"] is not None and not math.isfinite(kw["guidance"]):
         raise UserError("--guidance must be a finite number")
+    _check_init_flags(kw)
     if kw["recipe"] is not None:
         given = [f"--{k.replace('_', '-')}" for k in RECIPE_FIXES if kw[k] is not None]
         given += [f"--{k.replace('_', '-')}" for k in extra]
@@ -173,7 +203,26 @@ def run(ctx: click.Context, **kw: Any) -> None:
 #: flags a recipe already fixes
 RECIPE_FIXES = ("sampler", "model", "pipeline", "conditioner", "guidance", "steps", "seed",
                 "num_samples", "threshold", "threshold_percentile", "condition_images",
-                "schedule", "sigma_min", "sigma_max", "chunk")  # fmt: skip
+                "schedule", "sigma_min", "sigma_max", "chunk", "dtype", "init_image",
+                "strength", "mask", "repaint")  # fmt: skip
+
+
+def _check_init_flags(kw: dict[str, Any]) -> None:
+    """img2img's and inpainting's flags that only make sense together, refused at once."""
+    from diffplug.init_image import check_repaint, check_strength
+
+    if kw["recipe"] is not None:
+        return
+    if kw["init_image"] is None:
+        for flag in ("mask", "strength", "repaint"):
+            if kw[flag] is not None:
+                raise UserError(f"--{flag} goes with --init-image (the image to start from)")
+    if kw["strength"] is not None:
+        check_strength(kw["strength"])
+    if kw["repaint"] is not None:
+        check_repaint(kw["repaint"])
+        if kw["mask"] is None:
+            raise UserError("--repaint resamples an inpainted region: it goes with --mask")
 
 
 def _stage_paths(output: Path, kw: dict[str, Any]) -> list[Path]:
@@ -204,12 +253,15 @@ def _sample(
     if kw["recipe"] is not None:
         run = diffplug.load(recipe=kw["recipe"], device=device,
                             allow_different=kw["allow_different"])  # fmt: skip
+        init = {}
     else:
+        init = {"init": kw["init_image"], "mask": kw["mask"], "strength": kw["strength"],
+                "repaint": kw["repaint"]}  # fmt: skip
         run = diffplug.load(
             model=kw["model"], sampler=kw["sampler"], pipeline=kw["pipeline"],
             steps=kw["steps"], schedule=kw["schedule"], sigma_min=kw["sigma_min"],
             sigma_max=kw["sigma_max"], conditioner=kw["conditioner"], guidance=kw["guidance"],
-            chunk=kw["chunk"],
+            chunk=kw["chunk"], dtype=kw["dtype"],
             threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
             **extra,
         )  # fmt: skip
@@ -221,7 +273,7 @@ def _sample(
             return
         n = kw["num_samples"] or (len(prompts) if len(prompts) > 1 else None)
         n = n if n is not None or run.defaults else 64
-        samples = run.sample(n, seed=kw["seed"], prompt=prompts or None,
+        samples = run.sample(n, seed=kw["seed"], prompt=prompts or None, **init,
                              batch_size=kw["batch_size"], progress=not quiet)  # fmt: skip
         for k, stage in enumerate(samples.stages[:-1] if stage_paths else []):
             stage.save(stage_paths[k], overwrite=True)
@@ -234,6 +286,7 @@ def _sample(
     seeds = list(run.defaults["seeds"]) if kw["recipe"] else _seeds(kw["seed"], n)
     negative = negative or run.defaults.get("negative_prompts") or []
     negatives = run.negatives(len(seeds), negative or None)  # refused first: cheap to check
+    start = run.init(len(seeds), **init)  # {} on a replay: the recipe's own
     conditions = run.conditions(len(seeds), prompts or None, images)
     rank, size = distributed.world()
     with distributed.process_group(device):
@@ -245,6 +298,7 @@ def _sample(
             negatives=[negatives[index[s]] for s in mine] if negatives else None,
             batch_size=kw["batch_size"],
             progress=not quiet and rank == 0,
+            init=_rows(start, [index[s] for s in mine]),
         )
         gathered = distributed.gather(local, len(seeds), kw["batch_size"], rank, size)
     if gathered is None:  # not rank 0: rank 0 writes
@@ -252,7 +306,16 @@ def _sample(
     from diffplug.output import to_unit
 
     recipe = run.recipe_for(seeds, prompts or None, images, len(seeds), negative or None)
+    recipe.update(start.record() if start is not None else {})
     _write(Samples(to_unit(gathered), recipe), output, kw["overwrite"])
+
+
+def _rows(start: Any, rows: list[int]) -> Any:
+    """The init of this process's shard of samples (``rows`` of the whole draw)."""
+    if start is None:
+        return None
+    mask = None if start.mask is None else start.mask[rows]
+    return dataclasses.replace(start, images=start.images[rows], mask=mask)
 
 
 def _refuse_overwriting_inputs(output: Path, run: Any, kw: dict[str, Any]) -> None:
@@ -260,7 +323,8 @@ def _refuse_overwriting_inputs(output: Path, run: Any, kw: dict[str, Any]) -> No
     or condition file) would destroy it: refused, even with --overwrite."""
     import os
 
-    inputs = [kw["recipe"], kw["condition_images"], getattr(run, "_model_path", None),
+    inputs = [kw["recipe"], kw["condition_images"], kw["init_image"], kw["mask"],
+              getattr(run, "_model_path", None),
               getattr(run, "_autoencoder_path", None)]  # fmt: skip
     target = os.path.realpath(output)
     for item in inputs:

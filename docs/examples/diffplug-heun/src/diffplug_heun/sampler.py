@@ -64,5 +64,10 @@ class Heun(LevelSampler):
             calls += [s] if s_next == 0 else [s, s_next]
         return calls
 
+    def steps_of(self, levels: list[float]) -> list[int]:
+        """The step of every call (two per step, one into 0): progress counts steps, and
+        img2img starts at a step's first call."""
+        return [k for k, s_next in enumerate(levels[1:]) for _ in range(1 if s_next == 0 else 2)]
+
     def stepper(self, levels: list[float]) -> HeunStepper:
         return HeunStepper(levels)  # a fresh one for every batch
