@@ -27,6 +27,9 @@ from diffplug.registry import Registry, default_registry
 FORMAT = "diffplug/1"
 #: a denoiser file's tensors under this prefix are its trained conditioner's (a text encoder)
 CONDITIONER_PREFIX = "conditioner."
+#: a denoiser file's tensors under this prefix are its autoencoder's, when its record says
+#: ``"weights": true`` (a whole imported pipeline in one file)
+AUTOENCODER_PREFIX = "autoencoder."
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar"}
 MAX_HEADER = 100 * 1024 * 1024
 DTYPE_SIZES = {
@@ -237,6 +240,10 @@ def save_component(
     plugin, name = identify(component, kind, registry)
     state = tensors if tensors is not None else component.state_dict()
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    bundled = (extra or {}).get("autoencoder")
+    if kind == "denoiser" and isinstance(bundled, dict) and bundled.get("weights"):
+        # the fingerprint sampling checks the autoencoder against, of the weights saved here
+        extra = {**(extra or {}), "autoencoder": {**bundled, "sha256": _bundle_digest(state)}}
     metadata = {
         "diffplug.format": FORMAT,
         "diffplug.kind": kind,
@@ -266,7 +273,7 @@ _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
 def _check_against_config(
     path: str | os.PathLike[str],
     expected: dict[str, torch.Tensor],
-    skip_prefix: str | None = None,
+    skip_prefix: str | tuple[str, ...] | None = None,
 ) -> None:
     """Names, shapes and kinds of dtype in the header must be what the config builds, before
     any tensor is read (int8 or bool weights under a float layer would load and give NaN)."""
@@ -310,6 +317,8 @@ def load_component(
     """Rebuild a component from a checkpoint: class from the registry, config from metadata."""
     registry = registry or default_registry()
     meta = read_metadata(path)
+    if kind == "autoencoder" and _bundled_autoencoder(meta) is not None:
+        return _load_bundled_autoencoder(path, meta, registry, device)
     if kind is not None and meta["kind"] != kind:
         raise CheckpointError(f"{path}: a {meta['kind']} checkpoint, but a {kind} is needed here")
     try:
@@ -327,7 +336,9 @@ def load_component(
     joint = meta["kind"] == "denoiser" and bool(
         (meta["extra"].get("conditioner") or {}).get("weights")
     )
-    skip = CONDITIONER_PREFIX if joint else None
+    bundled = _bundled_autoencoder(meta) is not None
+    skip = tuple(p for p, on in ((CONDITIONER_PREFIX, joint), (AUTOENCODER_PREFIX, bundled))
+                 if on) or None  # fmt: skip
     # the config's shapes and dtypes, from a build on the meta device (no memory): a config
     # that would build 3 GB of weights for a 3 MB file is refused before anything is allocated
     probe = _meta_state(entry, cls, config)
@@ -336,15 +347,75 @@ def load_component(
     component = entry.construct(config, cls=cls)
     _check_against_config(path, component.state_dict(), skip_prefix=skip)
     state = load_tensors(path)
-    own = {k: v for k, v in state.items() if not (joint and k.startswith(CONDITIONER_PREFIX))}
+    own = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
     try:
         component.load_state_dict(own, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the config: {exc}") from None
     component.checkpoint_extra = meta["extra"]
+    if bundled:  # its autoencoder is loaded back from this very file, wherever it now is
+        record = component.checkpoint_extra["autoencoder"]
+        component.checkpoint_extra["autoencoder"] = {**record, "source": os.fspath(path)}
     if joint:
         n = len(CONDITIONER_PREFIX)
         component.conditioner_state = {
             k[n:]: v for k, v in state.items() if k.startswith(CONDITIONER_PREFIX)
         }
+    return component.to(device).eval()
+
+
+def _bundle_digest(state: dict[str, torch.Tensor]) -> str:
+    """``diffplug.latent.fingerprint`` of the autoencoder whose tensors ``state`` bundles."""
+    from diffplug.latent import fingerprint
+
+    n = len(AUTOENCODER_PREFIX)
+    own = {k[n:]: v for k, v in state.items() if k.startswith(AUTOENCODER_PREFIX)}
+
+    class _Weights:  # fingerprint reads only state_dict()
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return own
+
+    return fingerprint(_Weights())  # type: ignore[arg-type]
+
+
+def _bundled_autoencoder(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A denoiser file's record of an autoencoder whose weights it holds itself."""
+    record = meta["extra"].get("autoencoder") if meta["kind"] == "denoiser" else None
+    return record if isinstance(record, dict) and record.get("weights") else None
+
+
+def _load_bundled_autoencoder(
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    registry: Registry,
+    device: str | torch.device,
+) -> Any:
+    """The autoencoder a denoiser file holds under ``AUTOENCODER_PREFIX``, built from the
+    plugin, name and config its record keeps (checked like any component's file)."""
+    record = _bundled_autoencoder(meta)
+    assert record is not None
+    try:
+        entry = registry.get("autoencoder", f"{record['plugin']}:{record['name']}")
+    except (KeyError, UnknownComponentError):
+        raise CheckpointError(
+            f"{path}: needs autoencoder {record.get('name')!r} from {record.get('plugin')}, "
+            f"which is not installed: pip install {record.get('plugin')}"
+        ) from None
+    from diffplug.options import build_config
+
+    cls = entry.load()
+    config = build_config(cls.Config, record.get("config", {}), owner=f"autoencoder {entry.name!r}")
+    component = entry.construct(config, cls=cls)
+    n = len(AUTOENCODER_PREFIX)
+    header, _ = read_header(path)
+    want = {AUTOENCODER_PREFIX + k: v for k, v in component.state_dict().items()}
+    got = {k for k in header if k.startswith(AUTOENCODER_PREFIX)}
+    shapes = {k: tuple(v.shape) for k, v in want.items()}
+    if got != set(want) or any(tuple(header[k]["shape"]) != v for k, v in shapes.items()):
+        raise CheckpointError(f"{path}: the autoencoder's weights do not match its config")
+    state = {}
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+        for key in sorted(got):
+            state[key[n:]] = fh.get_tensor(key)
+    component.load_state_dict(state, strict=True)
     return component.to(device).eval()

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from diffplug.checkpoint import PICKLE_SUFFIXES, load_component, read_metadata
-from diffplug.errors import CheckpointError, IncompatibleError, UnknownComponentError, UserError
+from diffplug.errors import (
+    CheckpointError,
+    IncompatibleError,
+    PluginError,
+    UnknownComponentError,
+    UserError,
+)
 from diffplug.process import build_process
 from diffplug.registry import CORE_DIST, Entry, Registry
 
@@ -55,13 +61,52 @@ def is_path(value: str) -> bool:
 
 
 def model_path(registry: Registry, name_or_path: str) -> tuple[str, str]:
-    """(file path, display name) for a pretrained name or a checkpoint path."""
-    if is_path(name_or_path):
-        if not Path(name_or_path).is_file():
+    """(file path, display name) for a pretrained name or a checkpoint path. A folder, or a
+    safetensors file that is not a diffplug checkpoint, is offered to the installed denoisers
+    that convert foreign models (``convert_foreign``); the first that takes it gives the
+    checkpoint to load."""
+    if is_path(name_or_path) or Path(name_or_path).is_dir():
+        path = Path(name_or_path)
+        if path.is_dir() or (path.is_file() and _foreign(path)):
+            return converted(registry, path), name_or_path
+        if not path.is_file():
             raise CheckpointError(f"{name_or_path}: no such checkpoint file")
         return name_or_path, name_or_path
     entry = registry.get("pretrained", name_or_path)
     return entry.load(), entry.name
+
+
+def _foreign(path: Path) -> bool:
+    """A safetensors file without diffplug's metadata (a pickle is refused as before)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return False
+    try:
+        read_metadata(path)
+    except CheckpointError as exc:
+        return "not a diffplug checkpoint" in str(exc)
+    return False
+
+
+def converted(registry: Registry, path: Path) -> str:
+    """The diffplug checkpoint a denoiser plugin makes of a foreign model (a folder, or a
+    file in another layout): each registered denoiser class with a ``convert_foreign(path)``
+    classmethod is asked in turn; it returns a checkpoint path, or None when the model is
+    not of its kind (and raises UserError, saying why, when it is but cannot be read)."""
+    for entry in registry.entries("denoiser"):
+        try:
+            cls = entry.load()
+        except PluginError:  # a broken plugin is reported by `diffplug plugins`, not here
+            continue
+        convert = getattr(cls, "convert_foreign", None)
+        if callable(convert):
+            out = convert(path)
+            if out is not None:
+                return os.fspath(out)
+    what = "folder" if path.is_dir() else "safetensors file without diffplug metadata"
+    raise CheckpointError(
+        f"{path}: not a diffplug checkpoint (a {what}), and no installed plugin converts it "
+        "(`diffplug plugins` lists what is installed)"
+    )
 
 
 def load_model(registry: Registry, name_or_path: str, device: str = "cpu") -> tuple[Any, str]:

@@ -53,6 +53,24 @@ class CLIPConfig:
         "encoded apart and concatenated (A1111, compel), or refuse it",
         choices=("split", "refuse"),
     )
+    final_norm: bool = option(
+        True,
+        "with --clip-skip N > 1, pass that layer's hidden state through the final layer norm "
+        "(SD 2.x, A1111); SDXL reads its penultimate layer without it",
+    )
+    pooled: bool = option(
+        False,
+        "also give the projection's pooled embedding of the first window, cond['pooled'] "
+        "(B, P) (SDXL's second encoder; needs a CLIPTextModelWithProjection)",
+    )
+    encoder_config: dict = option(
+        {},
+        "the text encoder's transformers config, for an encoder whose weights are in the "
+        "model's checkpoint (set by import-diffusers; --clip-path, when given, wins)",
+    )
+    tokenizer_files: dict = option(
+        {}, "the tokenizer's files (vocab.json, merges.txt, ...) by name, as text, with it"
+    )
 
 
 class CLIPConditioner(Conditioner):
@@ -91,21 +109,35 @@ class CLIPConditioner(Conditioner):
             ) from None
         from transformers.utils import logging as hf_logging
 
-        encoder_dir, tokenizer_dir = _folders(path)
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on the CLI's stderr
         try:
-            config = CLIPTextConfig.from_pretrained(encoder_dir, local_files_only=True)
+            if path or not self.config.encoder_config:
+                encoder_dir, tokenizer_dir = _folders(path)
+                config = CLIPTextConfig.from_pretrained(encoder_dir, local_files_only=True)
+                tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+            else:  # self-contained: the weights come from the model's file (load_state_dict)
+                encoder_dir = tokenizer_dir = "the model's checkpoint"
+                config = CLIPTextConfig.from_dict(self.config.encoder_config)
+                tokenizer = tokenizer_from_files(self.config.tokenizer_files)
             projected = "CLIPTextModelWithProjection" in (config.architectures or [])
             cls = CLIPTextModelWithProjection if projected else CLIPTextModel
-            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-            encoder = cls.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True)
+            if path or not self.config.encoder_config:
+                encoder = cls.from_pretrained(
+                    encoder_dir, local_files_only=True, use_safetensors=True
+                )
+            else:
+                encoder = cls(config)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"conditioner clip: cannot load {path}: {first}") from None
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
+        if self.config.pooled and not projected:
+            raise UserError(
+                "conditioner clip: --pooled needs a CLIPTextModelWithProjection encoder"
+            )
         if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
             raise UserError(f"conditioner clip: the tokenizer in {tokenizer_dir} has no BOS/EOS")
         positions = int(encoder.config.max_position_embeddings)
@@ -114,7 +146,7 @@ class CLIPConditioner(Conditioner):
                 f"conditioner clip: the encoder in {encoder_dir} reads {positions} positions; "
                 f"Stable Diffusion's CLIP reads {WINDOW}"
             )
-        device = next(self.encoder.parameters()).device if self._loaded else None
+        device = next(self.encoder.parameters()).device if hasattr(self, "encoder") else None
         self.tokenizer = tokenizer
         self.encoder = encoder.float().requires_grad_(False).eval()
         if device is not None:
@@ -182,7 +214,12 @@ class CLIPConditioner(Conditioner):
     def encode(self, window: tuple[int, ...]) -> torch.Tensor:
         """(77, D) hidden states of one window, encoded alone: the last layer's
         (``last_hidden_state``) or, with clip skip N, ``hidden_states[-N]`` through the final
-        layer norm (diffusers' ``encode_prompt`` with ``clip_skip=N-1``)."""
+        layer norm (diffusers' ``encode_prompt`` with ``clip_skip=N-1``; without the norm
+        when ``final_norm`` is off, as SDXL's ``hidden_states[-2]``)."""
+        return self._run(window)[0]
+
+    def _run(self, window: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states (77, D), the pooled projection (P,) or None) of one window."""
         encoder = self.encoder
         device = next(encoder.parameters()).device
         ids = torch.tensor([window], dtype=torch.long, device=device)
@@ -191,11 +228,14 @@ class CLIPConditioner(Conditioner):
             real = window.index(self._eos, 1) + 1
             mask = (torch.arange(WINDOW, device=device) < real).long()[None]
         skip = self.config.clip_skip
+        out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=skip > 1)
+        pooled = out.text_embeds[0] if self.config.pooled else None
         if skip == 1:
-            return encoder(input_ids=ids, attention_mask=mask).last_hidden_state[0]
-        out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        norm = getattr(encoder, "text_model", encoder).final_layer_norm  # 4.x nests it
-        return norm(out.hidden_states[-skip])[0]
+            return out.last_hidden_state[0], pooled
+        hidden = out.hidden_states[-skip]
+        if self.config.final_norm:
+            hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)  # 4.x nests
+        return hidden[0], pooled
 
     @torch.no_grad()
     def forward(self, inputs: Sequence[Any]) -> Cond:
@@ -214,7 +254,8 @@ class CLIPConditioner(Conditioner):
         for k, p in enumerate(prompts):  # a prompt given many times is tokenized once
             if p not in each:
                 each[p] = self.windows(p, k)
-        encoded = {w: self.encode(w) for w in dict.fromkeys(w for ws in each.values() for w in ws)}
+        runs = {w: self._run(w) for w in dict.fromkeys(w for ws in each.values() for w in ws)}
+        encoded = {w: hidden for w, (hidden, _) in runs.items()}
         width = max(len(ws) for ws in each.values())
         empty = self._empty
         if any(len(ws) < width for ws in each.values()) and empty not in encoded:
@@ -223,7 +264,53 @@ class CLIPConditioner(Conditioner):
         for p in prompts:
             ws = each[p]
             rows.append(torch.cat([encoded[w] for w in [*ws, *[empty] * (width - len(ws))]]))
-        return {"text": torch.stack(rows)}
+        out = {"text": torch.stack(rows)}
+        if self.config.pooled:  # the first window's, as compel pools a long prompt
+            out["pooled"] = torch.stack([runs[each[p][0]][1] for p in prompts])  # type: ignore[misc]
+        return out
+
+    @classmethod
+    def from_folders(
+        cls, encoder_dir: str | Path, tokenizer_dir: str | Path, **options: Any
+    ) -> CLIPConditioner:
+        """A self-contained conditioner (``portable_config``) with the weights of a text
+        encoder folder and a tokenizer folder kept apart (SDXL's ``text_encoder_2/`` and
+        ``tokenizer_2/``): what a whole-pipeline import saves."""
+        from transformers import CLIPTextConfig
+
+        encoder_dir = Path(encoder_dir)
+        _folders(str(encoder_dir))  # refuses a folder without safetensors weights
+        try:
+            config = CLIPTextConfig.from_pretrained(encoder_dir, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"conditioner clip: cannot read {encoder_dir}: {exc}") from None
+        portable = CLIPConfig(
+            **options,
+            encoder_config=config.to_dict(),
+            tokenizer_files=read_tokenizer_files(tokenizer_dir),
+        )
+        cond = cls(portable)
+        loaded = type(cond.encoder).from_pretrained(
+            encoder_dir, local_files_only=True, use_safetensors=True
+        )
+        cond.encoder.load_state_dict(loaded.state_dict(), strict=True)
+        return cond.eval()
+
+    def portable_config(self) -> CLIPConfig:
+        """This conditioner's config with the encoder's config and the tokenizer's files in it
+        and no folder: with the encoder's weights (``state_dict``) in a model's checkpoint, it
+        rebuilds this conditioner with nothing else on disk."""
+        import dataclasses
+
+        if not self._loaded:
+            return self.config
+        _, tokenizer_dir = _folders(self._loaded)
+        return dataclasses.replace(
+            self.config,
+            clip_path="",
+            encoder_config=self.encoder.config.to_dict(),
+            tokenizer_files=read_tokenizer_files(tokenizer_dir),
+        )
 
     def from_data(
         self,
@@ -281,6 +368,39 @@ class CLIPConditioner(Conditioner):
         most = max((self.count(p) for p in prompts), default=1)
         self._draw = (inputs, most)
         return most
+
+
+#: the files a ``CLIPTokenizer`` is made of: vocab.json and merges.txt (older folders) or
+#: tokenizer.json (what transformers 5 writes), with their settings
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")  # fmt: skip
+
+
+def read_tokenizer_files(folder: str | Path) -> dict[str, str]:
+    """The text of a tokenizer folder's files, by name (those that exist)."""
+    root = Path(folder)
+    return {n: (root / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES
+            if (root / n).is_file()}  # fmt: skip
+
+
+def tokenizer_from_files(files: dict[str, str]) -> Any:
+    """A ``CLIPTokenizer`` from the files ``read_tokenizer_files`` read, through a temporary
+    folder (transformers reads tokenizers from files only)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
+        raise UserError(
+            "conditioner clip: the tokenizer files have neither tokenizer.json nor vocab.json "
+            "and merges.txt"
+        )
+    with tempfile.TemporaryDirectory(prefix="diffplug-clip-") as tmp:
+        for name, text in files.items():
+            if name not in TOKENIZER_FILES:
+                raise UserError(f"conditioner clip: unexpected tokenizer file {name!r}")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 def _folders(path: str) -> tuple[Path, Path]:

@@ -8,3 +8,5 @@ from diffplug import Register, hookimpl
 def register_conditioners(register: Register) -> None:
     register("clip", "diffplug_clip.clip:CLIPConditioner",
              "frozen CLIP text encoder (Stable Diffusion's), from a local --clip-path")  # fmt: skip
+    register("clip-sdxl", "diffplug_clip.sdxl:SDXLConditioner",
+             "SDXL's two CLIP encoders: penultimate states joined, pooled projection")  # fmt: skip

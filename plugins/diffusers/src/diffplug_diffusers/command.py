@@ -48,36 +48,62 @@ import click
     default=None,
     help="betas rescaled to zero terminal SNR  [default: the scheduler config's]",
 )
-@click.option("--variant", default=None, help="a weights variant, e.g. fp16")
+@click.option(
+    "--variant",
+    default=None,
+    help="a folder: a weights variant, e.g. fp16; a single file: sd15, sd2, sd2-v or sdxl "
+    "(needed for SD 2, whose file does not say eps or v)",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="a single file's tokenizer (it holds none): a CLIP tokenizer folder, or a diffusers "
+    "SD pipeline folder (tokenizer/, tokenizer_2/)",
+)
 def import_diffusers(
     folder: Path,
     output: Path,
     overwrite: bool,
     prediction: str | None,
     variant: str | None,
+    tokenizer: Path | None,
     **process: object,
 ) -> None:
     """Convert a local diffusers folder (a UNet folder with config.json and
-    diffusion_pytorch_model.safetensors, or a pipeline folder with unet/ and scheduler/) into a
-    diffplug checkpoint. Safetensors weights only; nothing is downloaded."""
-    from diffplug import check_output_path, save_component
+    diffusion_pytorch_model.safetensors, or a pipeline folder with model_index.json: UNet,
+    VAE, text encoders, tokenizers and scheduler, all into one file) or a single-file Stable
+    Diffusion checkpoint (the original layout) into a diffplug checkpoint. Safetensors
+    weights only; nothing is downloaded."""
+    from diffplug import check_output_path
 
     _refuse_writing_into_the_source(output, folder)
     check_output_path(output, overwrite, {".safetensors": "a checkpoint"})
+    from diffplug_diffusers.pipeline import is_pipeline, read_pipeline
+    from diffplug_diffusers.single_file import VARIANTS, read_single_file
     from diffplug_diffusers.unet import DiffusersUNet, load_unet, read_folder, resolve_process
 
-    found = read_folder(folder, variant=variant)
     overrides = {k: v for k, v in process.items() if v is not None}
+    if folder.is_file() or (folder.is_dir() and is_pipeline(folder)):
+        if folder.is_file():
+            if variant is not None and variant not in VARIANTS:
+                from diffplug import UserError
+
+                raise UserError(f"--variant {variant}: a single file's is one of {VARIANTS}")
+            bundle = read_single_file(folder, variant=variant, tokenizer=tokenizer)
+        else:
+            bundle = read_pipeline(folder, variant=variant, prediction=prediction,
+                                   overrides=overrides)  # fmt: skip
+        _save(bundle.model, output, bundle.extra, bundle.tensors)
+        print(f"diffplug: wrote {output} ({bundle.extra['diffusers']['pipeline']}: UNet, VAE "
+              f"and text encoders in one file)", file=sys.stderr)  # fmt: skip
+        return
+    found = read_folder(folder, variant=variant)
     kind, spec, note = resolve_process(found.scheduler_config, prediction, overrides)
     if note:
         click.echo(f"diffplug: note: {note}", err=True)
     model = DiffusersUNet.from_unet(load_unet(found), prediction=kind, process=spec)
-    try:
-        save_component(model, output, kind="denoiser", extra=found.extra())  # atomic
-    except OSError as exc:  # a full disk: the temporary file is gone, the target untouched
-        from diffplug import UserError
-
-        raise UserError(f"cannot write {output}: {exc.strerror or exc}; nothing written") from None
+    _save(model, output, found.extra())
     shape = "x".join(map(str, model.sample_shape))
     print(
         f"diffplug: wrote {output} ({found.unet_class} {shape}, {kind} prediction, "
@@ -85,6 +111,17 @@ def import_diffusers(
         f"{', ' + model.conditioning + '-conditional' if model.conditioning else ''})",
         file=sys.stderr,
     )
+
+
+def _save(model: object, output: Path, extra: dict, tensors: dict | None = None) -> None:
+    from diffplug import save_component
+
+    try:
+        save_component(model, output, kind="denoiser", extra=extra, tensors=tensors)  # atomic
+    except OSError as exc:  # a full disk: the temporary file is gone, the target untouched
+        from diffplug import UserError
+
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}; nothing written") from None
 
 
 def _refuse_writing_into_the_source(output: Path, folder: Path) -> None:

@@ -50,6 +50,11 @@ class DiffusersUNetConfig(DenoiserConfig):
     prediction: str = option("eps", "what the UNet outputs", choices=tuple(PREDICTIONS.values()))
     unet_class: str = option("UNet2DModel", "the diffusers UNet class", choices=UNET_CLASSES)
     unet_config: dict = option({}, "the UNet's diffusers config (its config.json)")
+    time_ids: list[float] = option(
+        [],
+        "SDXL's added size conditioning: original (h, w), crop top-left (y, x), target (h, w), "
+        "in pixels (import-diffusers sets the pipeline's default size, no crop)",
+    )
 
 
 def _diffusers() -> Any:
@@ -72,6 +77,10 @@ def unet_facts(unet_class: str, cfg: dict[str, Any]) -> dict[str, Any]:
         raise IncompatibleError(f"{unet_class} has no sample_size; diffplug needs the image size")
     channels = cfg.get("in_channels", 3 if unet_class == "UNet2DModel" else 4)
     out = cfg.get("out_channels", channels)
+    # SD's inpainting layout: latents, the mask and the masked image's latents, concatenated
+    inpaint = unet_class == "UNet2DConditionModel" and channels == 2 * out + 1
+    if inpaint:
+        channels = out
     if out not in (channels, 2 * channels):
         raise IncompatibleError(
             f"{unet_class} maps {channels} channels to {out}; a denoiser's prediction has the "
@@ -89,6 +98,8 @@ def unet_facts(unet_class: str, cfg: dict[str, Any]) -> dict[str, Any]:
         "conditioning": None,
         "text_width": None,
         "integer_times": time_embedding == "learned",
+        "inpaint": inpaint,
+        "text_time": False,
     }
     class_embed = cfg.get("class_embed_type")
     if unet_class == "UNet2DModel":
@@ -105,11 +116,13 @@ def unet_facts(unet_class: str, cfg: dict[str, Any]) -> dict[str, Any]:
             "UNet2DConditionModel with class embeddings (e.g. a noise-level condition) is not "
             "supported; text-conditional ones are"
         )
-    if cfg.get("addition_embed_type") is not None:
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
         raise IncompatibleError(
-            f"UNet2DConditionModel addition_embed_type {cfg['addition_embed_type']!r} (e.g. "
-            "SDXL's pooled text and size ids) is not supported"
+            f"UNet2DConditionModel addition_embed_type {added!r} is not supported (SDXL's "
+            "text_time is)"
         )
+    facts["text_time"] = added == "text_time"
     hid_type = cfg.get("encoder_hid_dim_type")
     if hid_type not in (None, "text_proj"):
         raise IncompatibleError(
@@ -154,13 +167,26 @@ class DiffusersUNet(Denoiser):
             raise IncompatibleError(
                 f"diffusers-unet config {have} disagrees with its UNet's {want}"
             )
+        if self.facts["text_time"] and len(cfg.time_ids) != 6:
+            raise IncompatibleError(
+                "an SDXL UNet (addition_embed_type text_time) needs time_ids: original (h, w), "
+                f"crop (y, x), target (h, w); got {cfg.time_ids}"
+            )
+        #: an inpainting UNet: the loop hands it cond["mask"] and cond["masked"] and leaves
+        #: the known region to it (diffplug's generation modes read this)
+        self.takes_mask = bool(self.facts["inpaint"])
         if unet is None:
             unet = getattr(_diffusers(), cfg.unet_class).from_config(cfg.unet_config)
         self.unet = unet.eval()
 
     @classmethod
     def from_unet(
-        cls, unet: Any, *, prediction: str = "eps", process: dict[str, Any] | None = None
+        cls,
+        unet: Any,
+        *,
+        prediction: str = "eps",
+        process: dict[str, Any] | None = None,
+        time_ids: list[float] | None = None,
     ) -> DiffusersUNet:
         """Wrap an in-memory diffusers UNet (its weights are shared, not copied)."""
         unet_class = type(unet).__name__
@@ -174,6 +200,7 @@ class DiffusersUNet(Denoiser):
             conditioning=facts["conditioning"],
             unet_class=unet_class,
             unet_config=unet_config,
+            time_ids=list(time_ids or []),
         )
         return cls(config, unet=unet)
 
@@ -197,6 +224,14 @@ class DiffusersUNet(Denoiser):
         if note:
             warnings.warn(note, stacklevel=2)
         return cls.from_unet(load_unet(found), prediction=kind, process=spec)
+
+    @classmethod
+    def convert_foreign(cls, path: str | os.PathLike[str]) -> Path | None:
+        """Core's hook for ``--model FOLDER``: a diffusers pipeline folder's checkpoint
+        (converted once, cached), or None for what this plugin does not convert."""
+        from diffplug_diffusers.foreign import convert_foreign
+
+        return convert_foreign(Path(path))
 
     @property
     def text_width(self) -> int | None:
@@ -232,16 +267,45 @@ class DiffusersUNet(Denoiser):
                     "use a text conditioner of that width"
                 )
             mask = (cond or {}).get("text_mask")
+            if self.facts["inpaint"]:
+                x = self._with_mask(x, cond or {})
             out = self.unet(
                 x,
                 t,
                 encoder_hidden_states=text.to(x.dtype),
                 encoder_attention_mask=mask,
+                added_cond_kwargs=self._added(x, cond or {}),
                 return_dict=False,
             )[0]
         if self.facts["learned_variance"]:
             out = out[:, : x.shape[1]]  # the eps half; diffplug samplers use fixed variances
         return out
+
+    def _with_mask(self, x: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """SD's 9-channel input: the latents, the mask (1 regenerates), the masked image's
+        latents (the VAE's encoding of init * (1 - mask)), concatenated as diffusers'
+        inpainting pipeline does (the latents scaled for the model, the others not)."""
+        mask, masked = cond.get("mask"), cond.get("masked")
+        if mask is None or masked is None:
+            raise IncompatibleError(
+                "this inpainting UNet (latents, mask and masked-image latents, "
+                f"{self.unet.config.in_channels} input channels) needs an image and a mask to "
+                "inpaint: give --init-image and --mask"
+            )
+        return torch.cat([x, mask.to(x), masked.to(x)], dim=1)
+
+    def _added(self, x: torch.Tensor, cond: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning: the pooled text embedding and the size/crop ids."""
+        if not self.facts["text_time"]:
+            return None
+        pooled = cond.get("pooled")
+        if pooled is None:
+            raise IncompatibleError(
+                "this SDXL UNet needs cond['pooled'] (the second text encoder's pooled "
+                "projection): use the clip-sdxl conditioner"
+            )
+        ids = torch.tensor(self.config.time_ids, dtype=x.dtype, device=x.device)
+        return {"text_embeds": pooled.to(x.dtype), "time_ids": ids.expand(x.shape[0], -1)}
 
 
 def plain_config(config: Any) -> dict[str, Any]:
