@@ -62,8 +62,13 @@ def test_run_writes_a_png_grid_with_the_recipe(tmp_path):
         "name": "ddim",
         "plugin": "diffplug-ddim",
         "version": "0.1.0",
-        "options": {"eta": 0.5, "spacing": "leading", "steps_offset": 0, "clip_sample": False,
-                    "final_alpha": "one"},
+        "options": {
+            "eta": 0.5,
+            "spacing": "leading",
+            "steps_offset": 0,
+            "clip_sample": False,
+            "final_alpha": "one",
+        },
     }
     assert recipe["seeds"] == [7, 8, 9, 10]
     assert recipe["model"]["name"] == "gmm-digits"

@@ -1,9 +1,11 @@
-"""Training data in memory: a registered data set (``digits``, a plugin's) or a folder of
-the user's images.
+"""Training data: a registered data set (``digits``, a plugin's) or a folder of the user's
+images, found by one name (``find_data``).
 
-Both give float32 tensors (N, C, S, S) in [-1, 1]. Nothing is downloaded: the digits ship
-inside scikit-learn, a plugin's data set inside its package. Data sets are registered with
-the ``register_datasets`` hook; their contract is ``diffplug.datasets.ImageDataset``.
+In memory (``load_data``, and ``open_data`` for a data set) both give float32 tensors
+(N, C, S, S) in [-1, 1]; ``open_data`` streams a folder instead (``diffplug.streaming``).
+Nothing is downloaded: the digits ship inside scikit-learn, a plugin's data set inside its
+package. Data sets are registered with the ``register_datasets`` hook; their contract is
+``diffplug.datasets.ImageDataset``.
 
 The digits split is fixed: image i (in ``load_digits`` order) is held out when i % 6 == 0,
 giving 1497 training and 300 held-out images with every class in both.
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from diffplug.datasets import Digits, ImageDataset
 from diffplug.errors import DiffplugError, PluginError, UnknownComponentError, UserError
+from diffplug.folders import scan_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HELD_OUT_EVERY = Digits.HELD_OUT_EVERY
@@ -159,29 +162,82 @@ def load_data(
     channels: int | None = None,
     registry: Any = None,
 ) -> Dataset:
-    """A registered data set by name (``digits``, ``emoji``, ``plugin:name``), or a folder.
+    """A registered data set by name (``digits``, ``emoji``, ``plugin:name``), or a folder,
+    in memory.
 
     A spec with a path separator (or starting with ``.`` or ``~``) is always a folder; a
     bare word is a data set's name, else a folder of that name in the working directory;
     neither is a ``UserError`` naming the installed data sets. ``size`` and ``channels``
-    default to the data set's own (a folder's: 8 px, greyscale)."""
+    default to the data set's own (a folder's here: 8 px, greyscale; ``open_data`` infers
+    them from a folder's images and streams it)."""
+    found = find_data(spec, registry)
+    if isinstance(found, Path):
+        return image_folder(found, size or FOLDER_SIZE, channels or FOLDER_CHANNELS)
+    entry, registry = found
+    return _registered(spec, entry, registry, split, size, channels)
+
+
+def open_data(
+    spec: str,
+    size: int | None = None,
+    channels: int | None = None,
+    registry: Any = None,
+    *,
+    crop: str = "centre",
+    hflip: bool = False,
+    labels_from_folders: bool = False,
+    captions: bool = False,
+    workers: int | None = None,
+) -> Any:
+    """What ``diffplug train --data SPEC`` trains on: a registered data set's training split
+    in memory (exactly as ``load_data``), or a folder as a ``diffplug.streaming.FolderData``
+    read by DataLoader workers, its size and channels inferred from its images unless given,
+    with its captions (``captions``: the conditioner reads them) and sub-folder labels.
+    ``crop``, ``hflip`` and ``labels_from_folders`` are for folders only."""
+    from diffplug import streaming  # here: streaming builds on this module's Dataset
+
+    found = find_data(spec, registry)
+    if isinstance(found, Path):
+        scan = scan_folder(found, labels_from_folders=labels_from_folders, captions=captions)
+        return streaming.FolderData(
+            scan, size, channels, crop=crop, hflip=hflip,
+            workers=streaming.DEFAULT_WORKERS if workers is None else workers,
+        )  # fmt: skip
+    asked = [flag for flag, on in (("--hflip", hflip), ("--crop random", crop == "random"),
+             ("--labels-from-folders", labels_from_folders)) if on]  # fmt: skip
+    if asked:
+        raise UserError(
+            f"{' and '.join(asked)}: for image folders; data set {spec!r} is read into memory "
+            "as it is"
+        )
+    entry, registry = found
+    return _registered(spec, entry, registry, "train", size, channels)
+
+
+def find_data(spec: str, registry: Any = None) -> Path | tuple[Any, Any]:
+    """A folder's path, or (the registry entry, the registry) of a registered data set."""
     if _is_path(spec):
-        return _folder(spec, size, channels)
+        return Path(os.path.expanduser(spec))
     if registry is None:
         from diffplug.registry import default_registry
 
         registry = default_registry()
     try:
-        entry = registry.get("dataset", spec)
+        return registry.get("dataset", spec), registry
     except UnknownComponentError:
         if os.path.isdir(spec):
-            return _folder(spec, size, channels)
+            return Path(spec)
         installed = ", ".join(registry.names("dataset")) or "none"
         hints = "".join(f". {h}" for h in registry.missing_hints("dataset"))
         raise UserError(
             f"unknown data set {spec!r}: not an installed data set ({installed}) nor an "
             f"image folder; `diffplug list datasets` lists them{hints}"
         ) from None
+
+
+def _registered(
+    spec: str, entry: Any, registry: Any, split: str, size: int | None, channels: int | None
+) -> Dataset:
     try:
         dataset = entry.construct(cls=registry.load("dataset", spec))
         data = from_dataset(dataset, split, size, channels, name=entry.name)
@@ -205,8 +261,3 @@ def load_data(
 
 def _is_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith((".", "~"))
-
-
-def _folder(spec: str, size: int | None, channels: int | None) -> Dataset:
-    path = os.path.expanduser(spec)
-    return image_folder(path, size or FOLDER_SIZE, channels or FOLDER_CHANNELS)

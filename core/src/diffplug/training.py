@@ -6,14 +6,17 @@ Layout of an output directory::
     model.safetensors          the EMA model: `diffplug run --model DIR/model.safetensors`
     state-<step>/              raw weights, optimizer, RNG (safetensors) and state.json
     latest                     the name of the newest complete state directory
+    metrics.jsonl              a line every --log-every steps (``diffplug.trainlog``)
+    previews/step-<N>.png      grids from the EMA weights (``diffplug.previews``)
 
 A state directory is complete and durable (every file fsynced, renamed into place) before
 ``latest`` (written atomically) names it, ``model.safetensors`` is written after ``latest``
 and older states are removed last, so a crash or power loss at any moment leaves a resumable
 run; a full disk is one error line naming the checkpoint that still stands, and what a
 killed write left behind (``.tmp-state-N/``, temporary files) goes at the next run. Every
-random draw comes from one generator whose state is saved, so N steps in one run equal N/2
-steps, a resume, and N/2 more.
+random draw comes from one generator whose state is saved (a streamed folder's batches from
+the step number: ``diffplug.streaming``), so N steps in one run equal N/2 steps, a resume, and
+N/2 more, with or without previews.
 
 The model is a denoiser unless the method trains another kind (``Method.trains``, e.g. an
 autoencoder): the loop is the same, model.safetensors records that kind (an autoencoder's is
@@ -51,6 +54,10 @@ from diffplug.data import Dataset
 from diffplug.errors import CheckpointError, Interrupted, UserError
 from diffplug.method import Method
 from diffplug.options import option
+from diffplug.previews import PreviewConfig, Previewer
+from diffplug.streaming import FolderData, Stream
+from diffplug.trainlog import FILE as METRICS_FILE
+from diffplug.trainlog import MetricsLog
 
 
 @dataclass
@@ -105,7 +112,7 @@ class Trainer:
         self,
         denoiser: Denoiser | Autoencoder,
         method: Method,
-        data: Dataset,
+        data: Dataset | FolderData,
         config: TrainConfig,
         device: torch.device | str = "cpu",
         conditioner: Conditioner | None = None,
@@ -126,10 +133,23 @@ class Trainer:
                        *(self.joint.parameters() if self.joint is not None else ())]  # fmt: skip
         self.ema = [p.detach().clone() for p in self.params]
         self.method = method
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device) if data.labels is not None else None
+        self.rank, self.world = distributed.world()
+        # a folder streams from DataLoader workers; data in memory is indexed on the device
+        self.stream = None
+        self.data_record = None  # what a resume must share with the run (a folder's)
+        if isinstance(data, FolderData):
+            self.stream = Stream(data, config.batch_size, config.seed, self.rank, self.device)
+            self.data_record = data.resume_record()
+            self.images, self.labels = None, None
+        else:
+            self.images = data.images.to(self.device)
+            self.labels = data.labels.to(self.device) if data.labels is not None else None
         # each image's captions; one per image is drawn for every batch it is in
         self.captions = data.captions if _takes_captions(conditioner) else None
+        #: the last step's total gradient norm before clipping (a device tensor), its
+        #: learning rate and EMA decay: what metrics.jsonl reports
+        self.grad_norm: torch.Tensor | None = None
+        self.lr, self.decay = 0.0, 0.0
         # the fused kernel: one pass over all parameters (5x faster than the default on CPU)
         self.opt = torch.optim.AdamW(
             self.params,
@@ -137,7 +157,6 @@ class Trainer:
             weight_decay=config.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
-        self.rank, self.world = distributed.world()
         # one stream per rank: ranks draw different batches and noise, reproducibly
         self.generator = torch.Generator().manual_seed(config.seed + 1_000_003 * self.rank)
         self.forward = self.model
@@ -157,40 +176,58 @@ class Trainer:
             conditioner is None
             and self.kind == "denoiser"
             and denoiser.conditioning == "class"  # type: ignore[union-attr]
-            and self.labels is not None
+            and data.labels is not None
         )
         if self.class_conditional:
             self.null_label = denoiser.null_label  # type: ignore[union-attr]
 
     def batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        idx = torch.randint(
-            0, len(self.images), (self.config.batch_size,), generator=self.generator
-        )
-        idx = idx.to(self.device)
-        x0 = self.images[idx]
-        labels = self.labels[idx] if self.labels is not None else None
+        """This step's clean images and their condition. In memory, the images and the
+        captions' phrasings are drawn from the trainer's generator; streamed, from the
+        step's own stream (``diffplug.streaming``). The condition and its dropout draw from
+        the trainer's generator either way."""
+        captions = None
+        if self.stream is not None:
+            x0, labels, streamed = self.stream.batch(self.step)
+            if self.captions is not None and self.conditioner is not None:
+                captions = streamed
+        else:
+            idx = torch.randint(
+                0, len(self.images), (self.config.batch_size,), generator=self.generator
+            )
+            idx = idx.to(self.device)
+            x0 = self.images[idx]
+            labels = self.labels[idx] if self.labels is not None else None
+            if self.captions is not None and self.conditioner is not None:
+                captions = draw_captions(self.captions, idx.tolist(), self.generator)
+        n = len(x0)
         if self.conditioner is not None:
-            if self.captions is None:
+            if captions is None:
                 cond = self.conditioner.from_data(x0, self.generator, labels)
             else:
-                captions = draw_captions(self.captions, idx.tolist(), self.generator)
                 cond = self.conditioner.from_data(x0, self.generator, labels, captions=captions)
             if self.config.cond_dropout > 0:
-                drop = torch.rand(len(idx), generator=self.generator) < self.config.cond_dropout
+                drop = torch.rand(n, generator=self.generator) < self.config.cond_dropout
                 cond = self.conditioner.drop(cond, drop.to(self.device))
             return x0, cond
         if not self.class_conditional:
             return x0, None
         assert labels is not None
         labels = labels.clone()
-        drop = torch.rand(len(idx), generator=self.generator).to(self.device)
+        drop = torch.rand(n, generator=self.generator).to(self.device)
         labels[drop < self.config.cond_dropout] = self.null_label
         return x0, {"labels": labels}
 
+    def close(self) -> None:
+        """Stop a streamed folder's loader workers."""
+        if self.stream is not None:
+            self.stream.close()
+
     def train_step(self) -> torch.Tensor:
         cfg = self.config
+        self.lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(cfg, self.step)
+            group["lr"] = self.lr
         x0, cond = self.batch()
         with self.autocast:
             loss = self.method.loss(self.forward, x0, cond, self.generator)  # type: ignore[arg-type]
@@ -198,12 +235,18 @@ class Trainer:
         loss.backward()
         if self.joint is not None and self.world > 1:  # outside DDP: average its gradients
             distributed.average_gradients(self.joint.parameters())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        if cfg.grad_clip > 0:  # the norm before clipping, left on the device
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.params, cfg.grad_clip, foreach=True
+            )
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self.grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
         self.opt.step()
         decay = cfg.ema_decay
         if cfg.ema_warmup:
             decay = min(decay, (1 + self.step) / (10 + self.step))
+        self.decay = decay
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
         self.step += 1
@@ -270,7 +313,8 @@ class Trainer:
         self._file(tmp_dir / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
         text = json.dumps(
             {"step": self.step, "world": self.world, "train": dataclasses.asdict(self.config),
-             "optimizer": opt_meta, "model": dataclasses.asdict(self.model.config)},
+             "optimizer": opt_meta, "model": dataclasses.asdict(self.model.config),
+             **({"data": self.data_record} if self.data_record is not None else {})},
             indent=1)  # fmt: skip
         self._file(tmp_dir / "state.json", lambda p: p.write_text(text))
         fsync_dir(tmp_dir)
@@ -367,6 +411,9 @@ class Trainer:
         changes += [f"--{k.replace('_', '-')} {current[k]!r} (the run has {recorded[k]!r})"
                     for k in current if k not in free and k in recorded
                     and recorded[k] != current[k]]  # fmt: skip
+        recorded, current = meta.get("data") or {}, self.data_record or {}
+        changes += [f"data {k} {current[k]!r} (the run has {recorded[k]!r})"
+                    for k in current if k in recorded and recorded[k] != current[k]]  # fmt: skip
         if changes:
             raise UserError(
                 f"--resume would change the run: {'; '.join(changes[:4])}; resume with the "
@@ -570,7 +617,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def train(
     denoiser: Denoiser | Autoencoder,
     method: Method,
-    data: Dataset,
+    data: Dataset | FolderData,
     config: TrainConfig,
     out: str | Path,
     *,
@@ -581,35 +628,75 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     stop_after: int | None = None,
     conditioner: Conditioner | None = None,
+    log_every: int = 0,
+    preview: PreviewConfig | None = None,
+    autoencoder: Autoencoder | None = None,
 ) -> TrainResult:
     """Train to ``config.steps`` steps, checkpointing into ``out``; resumes with ``resume``.
 
     ``denoiser`` is the model trained: a denoiser, or the kind ``method.trains`` names.
+    ``data`` is in memory (``Dataset``) or a folder streamed by DataLoader workers
+    (``diffplug.streaming.FolderData``); either resumes exactly.
 
     ``stop_after`` pauses at that step (with a checkpoint) without changing the learning-rate
     schedule, which spans ``config.steps``: a later ``resume`` continues exactly.
     ``conditioner`` makes each batch's condition from its images (``from_data``); it is
     recorded in the checkpoint's extra metadata (``conditioner``) for sampling.
+    Every ``log_every`` steps a line goes to ``out/metrics.jsonl`` (``diffplug.trainlog``; 0,
+    the default here, writes none; ``diffplug train --log-every`` defaults to 10);
+    ``preview`` writes grids from the EMA weights (``diffplug.previews``), decoded through
+    ``autoencoder`` for a latent model.
     """
     out = Path(out)
     trainer = Trainer(denoiser, method, data, config, device, conditioner)
+    try:
+        return _train(trainer, data, config, out, resume=resume, progress=progress,
+                      extra=extra, on_step=on_step, stop_after=stop_after,
+                      log_every=log_every, preview=preview, autoencoder=autoencoder)  # fmt: skip
+    finally:
+        trainer.close()
+
+
+def _train(
+    trainer: Trainer,
+    data: Dataset | FolderData,
+    config: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    extra: dict[str, Any] | None,
+    on_step: Callable[[int, float], None] | None,
+    stop_after: int | None,
+    log_every: int,
+    preview: PreviewConfig | None,
+    autoencoder: Autoencoder | None,
+) -> TrainResult:
     extra = dict(extra or {})
-    if conditioner is not None:
-        extra["conditioner"] = conditioner_record(conditioner)
+    if trainer.conditioner is not None:
+        extra["conditioner"] = conditioner_record(trainer.conditioner)
     if config.guidance != 1.0:
-        check_guidance(denoiser, config.guidance)
+        check_guidance(trainer.model, config.guidance)
         extra["guidance"] = config.guidance
-    if trainer.rank == 0:
+    lead = trainer.rank == 0
+    previewer = None
+    if preview is not None and lead:  # before any step: a bad --preview-sampler costs none
+        previewer = Previewer(preview, trainer, data, autoencoder=autoencoder)
+    if lead:
         clean_stale(out)  # what a killed run's checkpoint write left behind
     if resume:
         trainer.load(out)
         # the state `latest` names is on disk; its model too, unless a write died before it
         trainer.save(out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra})
+    metrics = None
+    if log_every > 0 and lead:
+        metrics = MetricsLog(out / METRICS_FILE, log_every, config.batch_size * trainer.world)
+        metrics.start(trainer.step)  # lines beyond the resumed step did not happen
     losses: list[float] = []
     bar = tqdm(
         total=config.steps,
         initial=trainer.step,
-        disable=not progress or trainer.rank != 0,
+        disable=not progress or not lead,
         desc="training",
         unit="step",
         file=sys.stderr,
@@ -618,6 +705,14 @@ def train(
     start, images, pending = time.perf_counter(), 0, []
     saved = trainer.step if resume else -1  # the step whose state is on disk
     signals = _Signals()
+
+    def paused(since: float) -> None:  # time that was not training
+        nonlocal start
+        seconds = time.perf_counter() - since
+        start += seconds
+        if metrics is not None:
+            metrics.pause(seconds)
+
     try:
         with signals:
             end = min(config.steps, stop_after if stop_after is not None else config.steps)
@@ -626,9 +721,17 @@ def train(
                 # below is one consistent step (weights, EMA, optimizer and RNG together)
                 if distributed.any_rank(signals.caught is not None):
                     raise KeyboardInterrupt
-                pending.append(trainer.train_step())
+                loss = trainer.train_step()
+                pending.append(loss)
                 images += config.batch_size * trainer.world
                 bar.update(1)
+                if metrics is not None:
+                    metrics.add(loss, trainer.grad_norm)
+                    if metrics.due(trainer.step):
+                        line = metrics.write(trainer.step, trainer.lr, trainer.decay)
+                        if line["loss"] is not None:
+                            bar.set_postfix(loss=f"{line['loss']:.4f}",
+                                            img_s=f"{line['images_per_s']:.0f}")  # fmt: skip
                 if len(pending) == 50 or trainer.step == end:  # one sync per 50 steps
                     values = torch.stack(pending).float().cpu().tolist()
                     losses.extend(values)
@@ -637,13 +740,17 @@ def train(
                     bar.set_postfix(loss=f"{sum(values) / len(values):.4f}", img_s=f"{rate:.0f}")
                     if on_step is not None:
                         on_step(trainer.step, values[-1])
+                if previewer is not None and previewer.due(trainer.step):
+                    pause = time.perf_counter()
+                    previewer = _preview(previewer, trainer, out)
+                    paused(pause)
                 if trainer.step % config.checkpoint_every == 0 or trainer.step == end:
                     pause = time.perf_counter()
                     trainer.save(
                         out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
                     )
                     saved = trainer.step
-                    start += time.perf_counter() - pause  # checkpoint time is not training time
+                    paused(pause)  # checkpoint time is not training time
     except KeyboardInterrupt:
         bar.close()
         if signals.caught is None:  # a second signal, or Ctrl-C outside a step: no save
@@ -668,6 +775,17 @@ def train(
         seconds,
         losses,
     )
+
+
+def _preview(previewer: Previewer, trainer: Trainer, out: Path) -> Previewer | None:
+    """Write one preview; one that cannot be drawn (a caption the text encoder refuses, a
+    sampler that fails) turns previews off with one line, and training goes on."""
+    try:
+        previewer.write(trainer, out)
+    except UserError as exc:
+        print(f"diffplug: previews off: {exc}", file=sys.stderr)
+        return None
+    return previewer
 
 
 __all__ = [

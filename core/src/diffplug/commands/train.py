@@ -1,5 +1,6 @@
 """``diffplug train``: train a denoiser with a method's loss on a registered data set
-(``--data digits``, a plugin's, `diffplug list datasets`) or a folder of images.
+(``--data digits``, a plugin's, `diffplug list datasets`) or a folder of images (streamed by
+DataLoader workers: ``diffplug.streaming``), with metrics.jsonl and preview grids on the way.
 
 A method that trains another kind (``Method.trains``, e.g. ``autoencoder``) gets its model
 from that registry kind; ``--denoiser`` then names that model.
@@ -34,13 +35,66 @@ from diffplug.errors import OptionError, UserError
     "--size",
     type=click.IntRange(min=4, max=4096),
     default=None,
-    help="pixels  [default: the data set's; a folder's: 8]",
+    help="pixels  [default: the data set's; a folder's: its most common short side]",
 )
 @click.option(
     "--channels",
     type=click.Choice(["1", "3"]),
     default=None,
-    help="[default: the data set's; a folder's: 1]",
+    help="[default: the data set's; a folder's: 3 if any image has colour, else 1]",
+)
+@click.option(
+    "--crop",
+    type=click.Choice(["centre", "center", "random"]),
+    default="centre",
+    show_default=True,
+    help="a folder's square crop after resizing the short side to --size: centred, or at a "
+    "random offset per draw",
+)
+@click.option("--hflip", is_flag=True, help="mirror a folder's images at random, per draw")
+@click.option(
+    "--labels-from-folders",
+    is_flag=True,
+    help="class labels from a folder's sub-folders (sorted names -> 0..K-1)",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DataLoader workers reading a folder (0: the main process)  [default: 2]",
+)
+@click.option(
+    "--log-every",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="steps between lines of OUT/metrics.jsonl (0: none)",
+)
+@click.option(
+    "--preview-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="steps between preview grids OUT/previews/step-N.png from the EMA weights (0: none)",
+)
+@click.option(
+    "--preview-steps",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="sampler steps of a preview",
+)
+@click.option(
+    "--preview-count",
+    type=click.IntRange(min=1, max=256),
+    default=16,
+    show_default=True,
+    help="samples per preview (a class model: one per class)",
+)
+@click.option(
+    "--preview-sampler",
+    default=None,
+    help="sampler of the previews  [default: DDIM, or the first that runs the model]",
 )
 @click.option(
     "--denoiser",
@@ -113,13 +167,16 @@ def _no_default_model(registry: Any, method: str, kind: str) -> str:
 
 def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     import dataclasses
+    import inspect
 
     import torch
 
-    from diffplug.data import load_data
+    from diffplug.data import open_data
     from diffplug.options import build_config, describe
+    from diffplug.previews import PreviewConfig
     from diffplug.registry import default_registry
     from diffplug.run import resolve_device
+    from diffplug.streaming import FolderData
     from diffplug.training import TrainConfig, check_conditioner, check_guidance, train
 
     registry = default_registry()
@@ -176,12 +233,23 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         owner="train",
     )
     channels = int(kw["channels"]) if kw["channels"] is not None else None
-    data = load_data(kw["data"], kw["size"], "train", channels, registry)
-    # unset --size / --channels: the data's own
-    kw["size"], kw["channels"] = int(data.images.shape[-1]), str(int(data.images.shape[1]))
+    # a folder's captions are read for a conditioner that takes them (text, clip)
+    captions = conditioner_cls is not None and (
+        "captions" in inspect.signature(conditioner_cls.from_data).parameters
+    )
+    data = open_data(kw["data"], kw["size"], channels, registry, crop=kw["crop"],
+                     hflip=kw["hflip"], labels_from_folders=kw["labels_from_folders"],
+                     captions=captions, workers=kw["workers"])  # fmt: skip
+    log = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    # unset --size / --channels: the data's own (a folder's inferred from its images)
+    if isinstance(data, FolderData):
+        log(f"diffplug: {data.describe()}", file=sys.stderr)
+        kw["size"], kw["channels"] = data.size, str(data.channels)
+    else:
+        kw["size"], kw["channels"] = int(data.images.shape[-1]), str(int(data.images.shape[1]))
     # the data's shape goes to a model that has these options (every denoiser does)
     shape = {"channels": int(kw["channels"]), "size": kw["size"]}
-    latent_record = None
+    latent_record, autoencoder = None, None
     if kw["autoencoder"] is not None:
         if kind != "denoiser":
             raise UserError(
@@ -190,15 +258,32 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
         from diffplug.latent import autoencoder_record, encode_dataset, load_autoencoder
 
         autoencoder = load_autoencoder(kw["autoencoder"], registry)
+        if isinstance(data, FolderData):
+            if data.hflip or data.crop == "random":
+                raise UserError(
+                    "--hflip and --crop random change the pixels per draw; with --autoencoder "
+                    "the images are encoded once (train without them)"
+                )
+            data = data.in_memory()
         data = encode_dataset(autoencoder, data)  # once: the posterior means, scaled
         latent = data.images.shape[1:]
         shape = {"channels": int(latent[0]), "size": int(latent[-1])}
         latent_record = autoencoder_record(autoencoder, kw["autoencoder"])
+    classes = data.classes if isinstance(data, FolderData) else ()
+    # labels from sub-folders make a class-conditional denoiser of that many classes
+    class_defaults = {}
+    if classes and conditioner_cls is None and kind == "denoiser":
+        class_defaults = {"conditioning": "class", "num_classes": len(classes)}
     denoiser_options = {
-        **{k: v for k, v in shape.items() if k in owned(denoiser_cls.Config)},
+        **{k: v for k, v in {**shape, **class_defaults}.items() if k in owned(denoiser_cls.Config)},
         **method.denoiser_defaults(),
         **groups["denoiser"],
     }
+    given = denoiser_options.get("num_classes")
+    if classes and given is not None and int(given) < len(classes):
+        raise UserError(
+            f"--num-classes {given}: the data has {len(classes)} classes (its sub-folders)"
+        )
     torch.manual_seed(loop.seed)
     denoiser = denoiser_cls.from_options(**denoiser_options)
     conditioner = None
@@ -215,7 +300,8 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     if kw["overwrite"] and out.exists() and os.environ.get("RANK", "0") == "0":
         import shutil
 
-        for item in [out / "latest", out / "model.safetensors", *out.glob("state-*")]:
+        for item in [out / "latest", out / "model.safetensors", *out.glob("state-*"),
+                     out / "metrics.jsonl", out / "previews"]:  # fmt: skip
             if item.is_dir():
                 shutil.rmtree(item)
             elif item.exists():
@@ -223,9 +309,7 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
     from diffplug import distributed
 
     device = distributed.local_device(resolve_device(kw["device"]))
-    rank, size = distributed.world()
     params = sum(p.numel() for p in denoiser.parameters())
-    log = print if rank == 0 else (lambda *a, **k: None)
     log(
         f"diffplug: training {denoiser_name} ({params / 1e6:.2f}M parameters) with "
         f"{kw['method']} on {len(data)} images, {loop.steps} steps -> {out}",
@@ -238,11 +322,17 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
             "size": kw["size"],
             "channels": int(kw["channels"]),
             "images": len(data),
-            **data.source,  # a registered data set: its name, plugin, version, split, license
+            # a registered data set: its name, plugin, version, split, license; a folder: its
+            # path, what was inferred, crop, flips, class names, captions and skips
+            **(data.record() if isinstance(data, FolderData) else data.source),
         },
         "command": " ".join(["diffplug", "train", *sys.argv[2:]]),
         **({"autoencoder": latent_record} if latent_record is not None else {}),
     }
+    preview = None
+    if kw["preview_every"]:
+        preview = PreviewConfig(kw["preview_every"], kw["preview_steps"], kw["preview_count"],
+                                kw["preview_sampler"], seed=loop.seed)  # fmt: skip
     with distributed.process_group(device):
         result = train(
             denoiser,
@@ -256,6 +346,9 @@ def _train(out: Path, extras: dict[str, str], **kw: Any) -> None:
             extra=extra,
             stop_after=kw["stop_after"],
             conditioner=conditioner,
+            log_every=kw["log_every"],
+            preview=preview,
+            autoencoder=autoencoder,
         )
     log(
         f"diffplug: done: {result.steps} steps, final loss {result.final_loss:.4f}, "
