@@ -28,6 +28,7 @@ ALL = [
     "latent",
     "matrix",
     "claims",
+    "emoji",
 ]
 
 

@@ -76,7 +76,13 @@ def test_the_recipe_describes_the_run_before_any_sample(ddpm_path):
         "name": "ddim",
         "plugin": "diffplug-ddim",
         "version": "0.1.0",
-        "options": {"eta": 0.5, "spacing": "leading", "steps_offset": 0, "clip_sample": False},
+        "options": {
+            "eta": 0.5,
+            "spacing": "leading",
+            "steps_offset": 0,
+            "clip_sample": False,
+            "final_alpha": "one",
+        },  # fmt: skip
     }
     assert recipe["model"]["sha256"] == checkpoint._digest_file(ddpm_path)
     assert recipe["model"]["plugin"] == "diffplug-ddpm" and recipe["model"]["component"] == "unet"

@@ -418,5 +418,6 @@ def test_cli_refuses_a_long_prompt_in_one_line(text_unet, clip_dir, tmp_path):
     assert ok.code == 0, ok.err
     recipe = diffplug.read_recipe(out)
     assert recipe["conditioner"]["options"] == {
-        "clip_path": str(clip_dir), "clip_skip": 2, "long_prompt": "split"}  # fmt: skip
+        "clip_path": str(clip_dir), "clip_skip": 2, "long_prompt": "split", "encoder_config": {},
+        "final_norm": True, "pooled": False, "tokenizer_files": {}}  # fmt: skip
     assert recipe["negative_prompts"] == ["blurry"]

@@ -10,8 +10,7 @@ import pytest
 import torch
 from cliutil import run_cli
 
-from diffplug import FeatureSpace, default_registry, read_header
-from diffplug.features import feature_space
+from diffplug import FeatureSpace, default_registry, feature_space, read_header
 from diffplug_emoji import classifier
 from diffplug_emoji.dataset import Emoji
 from diffplug_emoji.features import EmojiFeatures
@@ -73,7 +72,10 @@ def test_emoji_is_a_registered_feature_space(heldout):
 
 def test_eval_with_emoji_features_names_them_and_sees_noise(tmp_path, heldout):
     """Two halves of the held-out emoji are near each other; noise is far from them."""
-    from diffplug.output import write_samples
+    from safetensors.torch import save_file
+
+    def write_samples(images, path, _recipe):  # the layout `diffplug run -o X.safetensors` writes
+        save_file({"samples": ((images + 1) / 2).clamp(0, 1).contiguous()}, str(path))
 
     images = heldout[0] * 2 - 1
     paths = {name: tmp_path / f"{name}.safetensors" for name in ("a", "b", "noise")}

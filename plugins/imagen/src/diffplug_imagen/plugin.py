@@ -36,5 +36,9 @@ def register_pretrained(register: Register) -> None:
              "8x8 -> 32x32 super-resolution, trained with noise augmentation")  # fmt: skip
     register("imagen-digits-sr-noaug", "diffplug_imagen:weights/imagen-digits-sr-noaug.safetensors",
              "the same stage trained on clean conditions (the ablation's control)")  # fmt: skip
+    register("imagen-emoji-base", "diffplug_imagen:weights/imagen-emoji-base.safetensors",
+             "text -> 16x16 emoji (trained on diffplug-emoji; float16 weights)")  # fmt: skip
+    register("imagen-emoji-sr", "diffplug_imagen:weights/imagen-emoji-sr.safetensors",
+             "16x16 -> 32x32 emoji super-resolution, trained with noise augmentation")  # fmt: skip
     register("imagen-latent-digits", "diffplug_imagen:weights/imagen-latent-digits.safetensors",
              "text -> 32x32 digits in the latents of vae-digits (diffplug-vae)")  # fmt: skip
