@@ -29,6 +29,7 @@ ALL = [
     "matrix",
     "claims",
     "emoji",
+    "generation",
 ]
 
 

@@ -421,3 +421,17 @@ def test_cli_refuses_a_long_prompt_in_one_line(text_unet, clip_dir, tmp_path):
         "clip_path": str(clip_dir), "clip_skip": 2, "long_prompt": "split", "encoder_config": {},
         "final_norm": True, "pooled": False, "tokenizer_files": {}}  # fmt: skip
     assert recipe["negative_prompts"] == ["blurry"]
+
+
+def test_training_without_captions_is_refused_in_one_line(conditioner):
+    """A frozen encoder trains on captions only; with them, from_data is the prompts' encoding
+    (clip-sdxl's from_data is the same helper)."""
+    from diffplug_clip.clip import need_captions
+
+    with pytest.raises(UserError, match="clip-sdxl conditioner: training needs captioned data"):
+        need_captions(None, "clip-sdxl")
+    with pytest.raises(UserError, match="needs captioned data") as info:
+        conditioner.from_data(torch.zeros(1, 3, 8, 8), torch.Generator())
+    assert "\n" not in str(info.value)
+    got = conditioner.from_data(torch.zeros(2, 3, 8, 8), torch.Generator(), captions=("a", "b"))
+    assert torch.equal(got["text"], conditioner(["a", "b"])["text"])

@@ -320,12 +320,7 @@ class CLIPConditioner(Conditioner):
         captions: Sequence[str] | None = None,
     ) -> Cond:
         """Training's condition: the batch's captions, encoded by the frozen encoder."""
-        if captions is None:
-            raise UserError(
-                "clip conditioner: training needs captioned data (a data set with captions, "
-                "or a folder with a .txt beside each image)"
-            )
-        return self.forward(list(captions))
+        return self.forward(need_captions(captions, "clip"))
 
     def align(self, conds: Sequence[Cond], inputs: Sequence[Any] = ()) -> list[Cond]:
         """Pad every condition to as many windows as the longest of ``conds`` and of every
@@ -401,6 +396,17 @@ def tokenizer_from_files(files: dict[str, str]) -> Any:
                 raise UserError(f"conditioner clip: unexpected tokenizer file {name!r}")
             (Path(tmp) / name).write_text(text, encoding="utf-8")
         return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def need_captions(captions: Sequence[str] | None, owner: str) -> list[str]:
+    """A training batch's captions, or a one-line refusal: a frozen text encoder has nothing
+    else to train on."""
+    if captions is None:
+        raise UserError(
+            f"{owner} conditioner: training needs captioned data (a data set with captions, "
+            "or a folder with a .txt beside each image)"
+        )
+    return list(captions)
 
 
 def _folders(path: str) -> tuple[Path, Path]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from diffplug import Cond, Conditioner, UserError, option
-from diffplug_clip.clip import WINDOW, CLIPConditioner, CLIPConfig
+from diffplug_clip.clip import WINDOW, CLIPConditioner, CLIPConfig, need_captions
 
 
 @dataclass
@@ -99,6 +99,4 @@ class SDXLConditioner(Conditioner):
         captions: Sequence[str] | None = None,
     ) -> Cond:
         """Training's condition: the batch's captions."""
-        if captions is None:
-            raise UserError("clip-sdxl conditioner: training needs captioned data")
-        return self.forward(list(captions))
+        return self.forward(need_captions(captions, "clip-sdxl"))
