@@ -1,4 +1,4 @@
-"""Every installed sampler on every shipped model: samples scored, or the refusal's reason.
+"""Every installed sampler on every shipped digits model: samples scored, or the refusal's reason.
 
 The table in docs/benchmarks.md (linked from docs/concepts.md) comes from here;
 ``tests/test_matrix.py`` runs the same cells with the bounds the docs state.
@@ -52,7 +52,7 @@ def run() -> str:
     notes = "\n".join(f"{k}. {reason}" for reason, k in reasons.items())
     return "\n\n".join([
         f"### Sampler x model matrix ({machine()})",
-        f"Every installed sampler x every shipped model x {{unconditional, conditional}}: "
+        f"Every installed sampler x every shipped digits model x {{unconditional, conditional}}: "
         f"{sampled} of {total} cells sample, the rest are refused before the first step "
         f"({N} samples per cell, {STEPS} steps, {minutes:.0f} minutes in all: "
         "`uv run python benchmarks/run.py matrix`). A conditional cell conditions the model as "

@@ -48,8 +48,7 @@ def base_samples() -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.arange(10).repeat_interleave(N_PER_DIGIT)
     prompts = [f"a handwritten {WORDS[int(d)]}" for d in labels]
     defaults = CascadeConfig()
-    spec = StageSpec(BASE, defaults.base_sampler, defaults.base_steps, defaults.guidance,
-                     defaults.threshold)  # fmt: skip
+    spec = StageSpec(BASE, defaults.base_sampler, defaults.base_steps, defaults.guidance)
     images = run_stage(spec, seeds=list(range(len(prompts))), conditions=prompts,
                        batch_size=500, device=CPU).images  # fmt: skip
     return images, labels

@@ -30,6 +30,7 @@ ALL = [
     "claims",
     "emoji",
     "generation",
+    "sd",
 ]
 
 

@@ -20,6 +20,24 @@ def test_digits_split_sizes_ranges_and_labels():
     torch.testing.assert_close(everything.images[::6], held.images)
 
 
+def test_digits_are_load_digits_bitwise_without_importing_scikit_learn():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from diffplug.datasets import _digits
+
+    images, labels = _digits()
+    bunch = load_digits()
+    assert torch.equal(images, torch.from_numpy(bunch.images).to(torch.uint8).unsqueeze(1))
+    assert torch.equal(labels, torch.from_numpy(bunch.target).long())
+    code = ("import sys; from diffplug.data import digits; digits('train'); "
+            "print('sklearn' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_digits_resize_keeps_range_and_shape():
     big = digits("heldout", size=16)
     assert big.images.shape == (300, 1, 16, 16)

@@ -18,30 +18,38 @@ PLUGINS = sorted(
 )
 
 
-#: runs `diffplug run` in-process for each (sampler, output) and prints their exit codes
+#: runs each `diffplug ARGS` of argv[1] (a JSON list) in this one process (a process each
+#: would import torch each time) and prints a JSON list of [exit code, stdout, stderr]
 DRIVER = """
-import json, sys
+import contextlib, io, json, sys
 from diffplug.cli import main
-codes = {}
-for sampler, out in json.loads(sys.argv[1]):
-    try:
-        main(["run", "--sampler", sampler, "--steps", "4", "--num-samples", "2", "-q", "-o", out])
-        codes[sampler] = 0
-    except SystemExit as exc:
-        codes[sampler] = exc.code
-print(json.dumps(codes))
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code or 0
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
 """
 
 
-def _diffplug(exe: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def _drive(exe: Path, commands: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
+    driven = subprocess.run([str(exe.parent / "python"), "-c", DRIVER, json.dumps(commands)],
+                            capture_output=True, text=True, cwd=cwd, timeout=600)  # fmt: skip
+    assert driven.returncode == 0, driven.stderr
+    return [tuple(r) for r in json.loads(driven.stdout.splitlines()[-1])]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plugin", PLUGINS, ids=lambda p: p.name)
 def test_plugin_works_with_only_core(plugin, tmp_path):
     exe = install(tmp_path / "venv", ROOT / "core", plugin)
-    listing = _diffplug(exe, "plugins", "--json", cwd=tmp_path)
+    # the console script itself, once
+    listing = subprocess.run([str(exe), "plugins", "--json"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)  # fmt: skip
     assert listing.returncode == 0, listing.stderr
     rows = {row["name"]: row for row in json.loads(listing.stdout)}
     dist = "diffplug-" + plugin.name.removeprefix("diffplug-")
@@ -49,24 +57,21 @@ def test_plugin_works_with_only_core(plugin, tmp_path):
     assert rows[dist]["error"] is None
     samplers = rows[dist]["components"].get("scheduler", [])
     models = rows[dist]["components"].get("pretrained", [])
-    # every sampler in one process (a `diffplug run` each would import torch each time)
-    jobs = [(sampler, str(tmp_path / f"{sampler}.png")) for sampler in samplers]
-    driven = subprocess.run([str(exe.parent / "python"), "-c", DRIVER, json.dumps(jobs)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)  # fmt: skip
-    assert driven.returncode == 0, driven.stderr
-    codes = json.loads(driven.stdout.splitlines()[-1])
-    for sampler, out in jobs:
-        assert codes[sampler] == 0, (sampler, driven.stderr)
-        assert Path(out).read_bytes().startswith(b"\x89PNG")
-    for model in models:
-        info = _diffplug(exe, "info", model, cwd=tmp_path)
-        assert info.returncode == 0, info.stderr
+    outs = [tmp_path / f"{sampler}.png" for sampler in samplers]
     # a first-party component from a plugin that is not installed: exit 2 and where to look
     missing = "ddpm" if dist != "diffplug-ddpm" else "ddim"
-    result = _diffplug(
-        exe, "run", "--sampler", missing, "-o", str(tmp_path / "m.png"), cwd=tmp_path
-    )
-    assert result.returncode == 2
-    assert f"unknown sampler '{missing}'" in result.stderr
-    assert "No installed plugin registers it" in result.stderr
-    assert "Traceback" not in result.stderr
+    commands = [
+        *(["run", "--sampler", s, "--steps", "4", "--num-samples", "2", "-q", "-o", str(o)]
+          for s, o in zip(samplers, outs, strict=True)),
+        *(["info", model] for model in models),
+        ["run", "--sampler", missing, "-o", str(tmp_path / "m.png")],
+    ]  # fmt: skip
+    *ran, (code, _, err) = _drive(exe, commands, tmp_path)
+    for args, (status, _, stderr) in zip(commands, ran, strict=False):
+        assert status == 0, (args, stderr)
+    for out in outs:
+        assert out.read_bytes().startswith(b"\x89PNG")
+    assert code == 2
+    assert f"unknown sampler '{missing}'" in err
+    assert "No installed plugin registers it" in err
+    assert "Traceback" not in err

@@ -1,4 +1,4 @@
-"""Every installed sampler x every shipped model x {unconditional, conditional}: each cell
+"""Every installed sampler x every shipped digits model x {unconditional, conditional}: each cell
 samples within its stated digits-FD bound, or is refused before the first step with a reason
 (docs/benchmarks.md has the table).
 

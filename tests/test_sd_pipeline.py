@@ -16,6 +16,7 @@ from tiny_sd import SD_SCHEDULE, write_sd
 
 import diffplug
 from diffplug import read_metadata
+from diffplug.output import read_recipe
 from diffplug.testing import torch_threads
 
 diffusers = pytest.importorskip("diffusers")
@@ -148,6 +149,27 @@ def test_run_model_folder_equals_the_imported_checkpoint(folder, checkpoint, tmp
         outs.append(diffplug.load_tensors(out)["samples"])
     assert torch.equal(outs[0], outs[1])
     assert len(list((tmp_path / "cache" / "imports").glob("*.safetensors"))) == 1
+
+
+def test_run_without_a_sampler_uses_the_pipelines_recorded_scheduler(checkpoint, tmp_path):
+    out = tmp_path / "recorded.safetensors"
+    result = run_cli("run", "--model", str(checkpoint), "--steps", "4", "--prompt", "the seven",
+                     "--num-samples", "2", "-o", str(out))  # fmt: skip
+    assert result.code == 0, result.err
+    sampler = read_recipe(out)["sampler"]
+    assert (
+        sampler["name"] == "diffusers" and sampler["options"]["scheduler_class"] == "DDIMScheduler"
+    )
+    recorded = read_metadata(checkpoint)["extra"]["sampling"]
+    explicit = diffplug.load(model=str(checkpoint), sampler="diffusers", steps=4,
+                             **recorded["options"]).sample(2, prompt="the seven", progress=False)  # fmt: skip
+    assert torch.equal(diffplug.load_tensors(out)["samples"], explicit.tensor)
+
+
+def test_a_model_that_records_no_sampler_still_needs_one(tmp_path):
+    result = run_cli("run", "--model", "ddpm-digits", "-o", str(tmp_path / "x.png"))
+    assert_clean_error(result, "records none", "diffplug list samplers")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_pickled_weights_are_refused_never_loaded(folder, tmp_path):

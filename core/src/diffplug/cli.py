@@ -323,7 +323,7 @@ def _describe_sampler(cls: Any) -> None:
 
 
 #: the extra keys a training run records that say how to remake or use the model
-RECORDED = ("command", "guidance", "conditioner", "autoencoder")
+RECORDED = ("command", "guidance", "threshold", "conditioner", "autoencoder")
 
 
 def _is_checkpoint_path(registry: Registry, name: str) -> bool:

@@ -25,6 +25,7 @@ overrides it (and may make ``images`` refuse). Today's training loop takes ``ima
 from __future__ import annotations
 
 import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -154,10 +155,30 @@ def _digits() -> tuple[Any, Any]:
     """``load_digits`` as (uint8 (1797, 1, 8, 8), long (1797,)), read once per process
     (indexing with a mask copies, so callers never share storage)."""
     import torch
+
+    rows = _digits_rows()
+    return (
+        torch.from_numpy(rows[:, :-1].reshape(-1, 1, 8, 8)).to(torch.uint8),
+        torch.from_numpy(rows[:, -1]).long(),
+    )
+
+
+def _digits_rows() -> Any:
+    """The (1797, 65) table ``load_digits`` reads (64 pixels, then the label), read from
+    scikit-learn's installed data file without importing scikit-learn, whose import costs
+    every command that touches the digits about 4 s; ``load_digits`` where the file moved."""
+    import gzip
+    import importlib.util
+
+    import numpy
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as f:
+                return numpy.loadtxt(f, delimiter=",", dtype=numpy.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return (
-        torch.from_numpy(bunch.images).to(torch.uint8).unsqueeze(1),
-        torch.from_numpy(bunch.target).long(),
-    )
+    return numpy.concatenate([bunch.data, bunch.target[:, None]], axis=1).astype(numpy.int64)

@@ -39,8 +39,9 @@ class StageSpec:
     sampler: str
     steps: int | None = None
     guidance: float = 1.0
-    threshold: str = "none"
-    percentile: float = 0.995
+    #: None: the model's recorded thresholding (``extra["threshold"]``), else none
+    threshold: str | None = None
+    percentile: float | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
     #: set on the model's conditioner where it has them (an augmentation level); others
     #: are ignored, so one cascade setting can cover stages of different plugins

@@ -72,7 +72,8 @@ def load(
     """Resolve, check and prepare a run; nothing is sampled yet.
 
     ``model`` is a pretrained name or a ``.safetensors`` path (default: the first installed
-    model the sampler can run); ``sampler`` a sampler name (``diffplug list samplers``).
+    model the sampler can run); ``sampler`` a sampler name (``diffplug list samplers``;
+    default: the one the model records, as an imported SD pipeline records its scheduler).
     ``options`` are the components' own options as keyword arguments (``eta=0.5``,
     ``spacing="trailing"``): the sampler's first, then the schedule's, the rest the
     conditioner's, refused with the CLI's messages when no component has them. ``schedule``
@@ -118,7 +119,7 @@ def load(
         options = {**{k: v for k, v in shared.items() if v is not None}, **options}
         return PipelineRun(registry, pipeline, options, resolve_device(device))
     if sampler is None:
-        raise UserError("missing sampler (or pipeline); `diffplug list samplers` names them")
+        sampler, steps, options = _recorded_sampling(registry, model, steps, options)
     return Run(
         registry,
         sampler=sampler,
@@ -136,6 +137,26 @@ def load(
         options=options,
         chunk=chunk,
     )
+
+
+def _recorded_sampling(
+    registry: Registry, model: str | os.PathLike[str] | None, steps: int | None,
+    options: dict[str, Any],
+) -> tuple[str, int | None, dict[str, Any]]:  # fmt: skip
+    """The sampler a model records (``extra["sampling"]``, as ``import-diffusers`` writes the
+    pipeline's own scheduler), with its options under the given ones and its steps unless
+    steps are given; no sampler is guessed for a model that records none."""
+    if model is None:
+        raise UserError("missing sampler (or pipeline); `diffplug list samplers` names them")
+    path, name = model_path(registry, os.fspath(model))
+    recorded = read_metadata(path).get("extra", {}).get("sampling")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sampler"), str):
+        raise UserError(
+            f"missing sampler: model {name} records none to run it with; name one "
+            "(`diffplug list samplers`)"
+        )
+    steps = recorded.get("steps") if steps is None else steps
+    return recorded["sampler"], steps, {**recorded.get("options", {}), **options}
 
 
 class Run:
@@ -199,13 +220,7 @@ class Run:
         self.autoencoder, self._autoencoder_source = self._autoencoder(autoencoder)
         self._autoencoder_chosen = autoencoder is not None
         self.guidance = self._guidance(guidance)
-        self.threshold = threshold or "none"
-        if self.threshold not in THRESHOLDS:
-            choices = ", ".join(THRESHOLDS)
-            raise OptionError(f"threshold must be one of {choices}; got {threshold!r}")
-        self.percentile = DEFAULT_PERCENTILE if percentile is None else float(percentile)
-        if not 0 < self.percentile <= 1:  # NaN too: click's range lets it through
-            raise OptionError(f"percentile must be in (0, 1]; got {percentile!r}")
+        self.threshold, self.percentile = self._thresholding(threshold, percentile)
         self.steps = self.scheduler.default_steps if steps is None else steps
         if dtype != torch.float32:  # the whole model in that precision, and the loop
             for part in (self.denoiser, self.conditioner, self.autoencoder):
@@ -288,6 +303,22 @@ class Run:
                 f"loaded: {exc}"
             ) from None
         return autoencoder.eval(), name
+
+    def _thresholding(self, threshold: str | None, percentile: float | None) -> tuple[str, float]:
+        """The given thresholding, else the one the model records (``extra["threshold"]``,
+        chosen by measurement: docs/claims.md), else none; each part falls back alone."""
+        extra = getattr(self.denoiser, "checkpoint_extra", {})
+        recorded = extra.get("threshold") if isinstance(extra.get("threshold"), dict) else {}
+        kind = threshold if threshold is not None else recorded.get("kind", "none")
+        if kind not in THRESHOLDS:
+            choices = ", ".join(THRESHOLDS)
+            raise OptionError(f"threshold must be one of {choices}; got {kind!r}")
+        if percentile is None:
+            percentile = recorded.get("percentile", DEFAULT_PERCENTILE)
+        percentile = float(percentile)  # type: ignore[arg-type]
+        if not 0 < percentile <= 1:  # NaN too: click's range lets it through
+            raise OptionError(f"percentile must be in (0, 1]; got {percentile!r}")
+        return kind, percentile
 
     def _guidance(self, guidance: float | None) -> float:
         if guidance is None:

@@ -522,7 +522,11 @@ class _Batch:
         plan, tables, view, size, n = loop.plan, loop.tables, loop.view, len(seeds), len(loop.plan)
         noisy = [plan.noisy(i) for i in range(n)]
         resample = self.repaint if region is not None else 0
-        draws = loop.noisy_steps + resample * sum(1 + noisy[i] for i in range(n - 1))
+        # RePaint (resampling): the known region is drawn afresh at every level it is pasted at
+        fresh = [bool(resample) and region is not None and region.pastes
+                 and region.sigma[i + 1] > 0 for i in range(n)]  # fmt: skip
+        draws = (loop.noisy_steps + resample * sum(1 + noisy[i] for i in range(n - 1))
+                 + (1 + resample) * sum(fresh))  # fmt: skip
         shape = loop.denoiser.sample_shape
         # half precision draws float32 noise and rounds it: a seed means the same noise
         drawn = loop.dtype if loop.dtype.itemsize >= 4 else torch.float32
@@ -564,14 +568,18 @@ class _Batch:
                 self.callback(Step(i, n, float(plan.t[i]), x_next, x0, seeds))
             return x_next
 
+        def paste(x: torch.Tensor, i: int) -> torch.Tensor:
+            assert region is not None
+            z = src.next().to(device=loop.device, dtype=loop.dtype) if fresh[i] else None
+            return region.paste(x, i + 1, inplace=self.fused, noise=z)
+
         for i in range(n):
             x_next = advance(i, x)
             if region is not None:  # inpainting: the known region, at the next call's level
-                x_next = region.paste(x_next, i + 1, inplace=self.fused)
+                x_next = paste(x_next, i)
                 for _ in range(resample if i + 1 < n else 0):  # RePaint: back, step again
                     z = src.next().to(device=loop.device, dtype=loop.dtype)
-                    x_next = region.paste(advance(i, region.back(x_next, i, z)), i + 1,
-                                          inplace=self.fused)  # fmt: skip
+                    x_next = paste(advance(i, region.back(x_next, i, z)), i)
             x = x_next
             if tick is not None and plan.ends_step(i):
                 tick(1)

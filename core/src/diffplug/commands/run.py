@@ -18,7 +18,11 @@ from diffplug.errors import UserError
     epilog="Any other --OPTION goes to the sampler or the model's conditioner (with --pipeline: "
     "to the pipeline); `diffplug info NAME` lists each one's options.",
 )
-@click.option("--sampler", help="sampler name (`diffplug list samplers`); not with --pipeline")
+@click.option(
+    "--sampler",
+    help="sampler name (`diffplug list samplers`); not with --pipeline  [default: the one the "
+    "model records, as an imported SD pipeline records its scheduler]",
+)
 @click.option("--model", help="pretrained model name or a .safetensors checkpoint path")
 @click.option("--pipeline", help="a whole recipe instead (`diffplug list pipelines`), e.g. imagen")
 @click.option(
@@ -123,13 +127,14 @@ from diffplug.errors import UserError
     "--threshold",
     type=click.Choice(["none", "static", "dynamic"]),
     default=None,
-    help="x0_hat thresholding at every step  [default: none; a pipeline's own]",
+    help="x0_hat thresholding at every step  [default: the model's recorded, else none; a "
+    "pipeline's own]",
 )
 @click.option(
     "--threshold-percentile",
     type=click.FloatRange(0, 1, min_open=True),
     default=None,
-    help="p for dynamic thresholding  [default: 0.995]",
+    help="p for dynamic thresholding  [default: the model's recorded, else 0.995]",
 )
 @click.option(
     "--condition-images",
@@ -191,7 +196,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
     else:
         if kw["save_stages"]:
             raise UserError("--save-stages needs --pipeline")
-        if not kw["sampler"]:
+        if not kw["sampler"] and not kw["model"]:
             raise UserError(
                 "missing --sampler (or --pipeline); `diffplug list samplers` names them"
             )

@@ -100,15 +100,20 @@ def run_cell(sampler: str, model: str, mode: str = "conditional", n: int = 200,
 
 
 def cells(registry: Any = None) -> list[tuple[str, str, str]]:
-    """(sampler, model, mode) for every installed sampler, pretrained denoiser (autoencoders
-    such as vae-digits are components of latent models, not models to sample) and mode."""
+    """(sampler, model, mode) for every installed sampler, pretrained digits denoiser and mode.
+
+    Autoencoders such as vae-digits are components of latent models, not models to sample;
+    models trained on other data (the emoji cascade) cannot be judged by the digits evaluator
+    and are scored by their own benchmark (benchmarks/emoji.py)."""
     from diffplug.checkpoint import read_metadata
     from diffplug.registry import default_registry
 
     registry = registry or default_registry()
 
-    def kind(model: str) -> str:
-        return read_metadata(registry.get("pretrained", model).load())["kind"]
+    def judged_here(model: str) -> bool:
+        meta = read_metadata(registry.get("pretrained", model).load())
+        data = meta.get("extra", {}).get("data") or {}
+        return meta["kind"] == "denoiser" and data.get("spec", "digits") == "digits"
 
-    models = [m for m in registry.names("pretrained") if kind(m) == "denoiser"]
+    models = [m for m in registry.names("pretrained") if judged_here(m)]
     return [(s, m, mode) for m in models for mode in MODES for s in registry.names("scheduler")]

@@ -28,6 +28,8 @@ from diffplug import (
 
 #: the base stage's guidance weight when none is given (see docs/imagen.md for the sweep)
 DEFAULT_GUIDANCE = 3.0
+#: ``--threshold`` for "the base model's own"
+RECORDED = "recorded"
 
 
 @dataclass
@@ -36,9 +38,15 @@ class CascadeConfig:
     base_sampler: str = option("ddim", "the base stage's sampler")
     base_steps: int = option(50, "the base stage's steps", min=1)
     guidance: float = option(DEFAULT_GUIDANCE, "the base stage's classifier-free guidance weight")
-    threshold: str = option("dynamic", "the base stage's thresholding", choices=THRESHOLDS)
-    percentile: float = option(0.995, "p of dynamic thresholding", min=0.0, max=1.0,
-                               min_exclusive=True)  # fmt: skip
+    threshold: str = option(
+        RECORDED,
+        "the base stage's thresholding; recorded: the one the base model records (chosen by "
+        "measurement, docs/claims.md)",
+        choices=(RECORDED, *THRESHOLDS),
+    )
+    percentile: float | None = option(None, "p of dynamic thresholding (default: the base "
+                                      "model's recorded, else 0.995)", min=0.0, max=1.0,
+                                      min_exclusive=True)  # fmt: skip
     sr_models: list[str] = option(["imagen-digits-sr"], "super-resolution stages, in order")
     sr_samplers: list[str] = option(
         ["ddpm"], "sampler per stage (one for all); ancestral, as Imagen (see docs/imagen.md)"
@@ -95,7 +103,7 @@ class Cascade(Pipeline):
                 cfg.base_sampler,
                 cfg.base_steps,
                 cfg.guidance,
-                cfg.threshold,
+                None if cfg.threshold == RECORDED else cfg.threshold,
                 cfg.percentile,
             )  # fmt: skip
         ]
