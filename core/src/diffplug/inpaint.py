@@ -10,9 +10,8 @@ Inpainting any model (Lugmayr et al. 2022, RePaint; diffusers' inpainting pipeli
 4-channel UNet): after every call the known region (mask 0) of x is replaced by the init
 noised to the level of the next call with that same eps, and by the init itself after the
 last. ``repaint`` N is RePaint's algorithm: the known region is drawn afresh from
-q(x_j | x0) at every level (fresh noise, not the first eps: with 9 resamplings on the digits
-this lifts the share of completions that keep the class from 67.0% to 74.0%), and each step
-is resampled N more times: x is noised back to the step's start level with fresh noise,
+q(x_j | x0) at every level (fresh noise from the sample's stream, not its first eps), and
+each step is resampled N more times: x is noised back to the step's start level with fresh noise,
 x_i = (alpha_i/alpha_j)*x_j + sqrt(sigma_i^2 - (alpha_i/alpha_j)^2 sigma_j^2)*z, and the step
 is taken again, which lets the generated region agree with the known one. A denoiser with
 ``takes_mask = True`` (an inpainting UNet, SD's 9-channel layout) is given the mask and the
