@@ -188,3 +188,19 @@ def test_a_small_input_takes_the_training_images_path_before_shrinking():
     torch.testing.assert_close(cond(list(big))["image"], resize(big, 8), rtol=0, atol=0)
     direct = LowResConditioner(LowResConfig(low_size=8))(list(small))["image"]
     assert torch.equal(direct, small) and not torch.equal(got, small)
+
+
+def test_imagen_word_tokens_give_every_word_of_the_emoji_captions_its_own_embedding():
+    from diffplug_emoji.dataset import Emoji
+    from diffplug_imagen.text import TextConditioner, TextConfig
+
+    cond = TextConditioner(TextConfig(dim=32, tokens="words", buckets=4096, max_tokens=32))
+    words = sorted({w for cs in Emoji().captions("train") for c in cs for w in cond_words(c)})
+    pairs = {tuple(cond.tokenize([w])[0, 1].tolist()) for w in words}
+    assert len(words) > 2000 and len(pairs) == len(words)
+
+
+def cond_words(caption):
+    from diffplug_imagen.text import WORD, normalise
+
+    return WORD.findall(normalise(caption))

@@ -55,6 +55,45 @@ def test_tokens_are_normalised_bytes_after_a_summary_token_and_cut_to_length():
         cond.tokenize([7])
 
 
+def test_word_tokens_hash_each_word_to_two_rows_the_same_in_every_process():
+    cond = text_conditioner(tokens="words", buckets=64, max_tokens=6)
+    ids = cond.tokenize(["The flag of  JAPAN", "flag: japan!", "", "a b c d e f g"])
+    assert ids.shape == (4, 7, 2)
+    assert (ids[:, 0] == cond.summary).all() and cond.summary == cond.tokens.num_embeddings - 1
+    words = ids[0, 1:5]
+    assert ((words[:, 0] >= 1) & (words[:, 0] <= 64)).all()  # first table
+    assert ((words[:, 1] >= 65) & (words[:, 1] <= 128)).all()  # second table
+    assert (ids[0, 5:] == PAD).all()
+    # a word's ids depend on the word alone: case, spacing and neighbours do not move them
+    assert ids[1, 1].tolist() == ids[0, 2].tolist()  # "flag"
+    assert ids[1, 3].tolist() == ids[0, 4].tolist()  # "japan"
+    assert ids[1, 2].tolist() != ids[1, 4].tolist()  # ":" and "!" are words of their own
+    assert (ids[2, 1:] == PAD).all()
+    # blake2b, not Python's salted hash(): the same ids in every process (pinned values)
+    assert ids[0, 4].tolist() == hashed_ids("japan", 64)
+    with pytest.raises(UserError, match="prompt 0 is 7 words, but this model's encoder reads"):
+        cond(["a b c d e f g"])
+
+
+def hashed_ids(word, buckets):
+    import hashlib
+
+    digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+    a, b = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+    return [1 + a % buckets, 1 + buckets + b % buckets]
+
+
+def test_word_tokens_encode_train_and_keep_padding_masked():
+    cond = text_conditioner(tokens="words", buckets=64).eval()
+    out = cond(["a red apple", "the flag of japan"])
+    assert out["text_mask"][0].tolist() == [True] * 4 + [False] * 9
+    alone = cond(["a red apple"])
+    torch.testing.assert_close(alone["text_pooled"][0], out["text_pooled"][0], rtol=0, atol=1e-6)
+    null = cond.null(1)
+    torch.testing.assert_close(cond([""])["text_pooled"], null["text_pooled"], rtol=0, atol=0)
+    assert not torch.allclose(cond(["japan"])["text_pooled"], cond(["apple"])["text_pooled"])
+
+
 def test_padding_is_masked_and_a_prompt_does_not_depend_on_its_batch():
     cond = text_conditioner().eval()
     out = cond(["seven", "the digit 3"])

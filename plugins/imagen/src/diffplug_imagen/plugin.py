@@ -9,7 +9,7 @@ from diffplug import Register, hookimpl
 @hookimpl
 def register_conditioners(register: Register) -> None:
     register("text", "diffplug_imagen.text:TextConditioner",
-             "byte-level text transformer trained with the model (no outside weights)")  # fmt: skip
+             "text transformer over bytes or hashed words, trained with the model")  # fmt: skip
     register("t5", "diffplug_imagen.t5:T5Conditioner",
              "frozen T5 encoder from a local folder (diffplug-imagen[t5])")  # fmt: skip
 
