@@ -9,6 +9,9 @@ sampled once through the whole cascade at its defaults (base 16x16, super-resolu
 - subcategory accuracy: the share of samples the emoji classifier (``diffplug_emoji.
   classifier``, trained on the training split only) puts in the prompt's subcategory, top-1
   and top-5, beside the same classifier on the real emoji of those prompts (its ceiling);
+- named: the share of samples whose nearest emoji of the split (in the classifier's
+  features) is the prompted one or one of its skin-tone variants, and among the nearest 10;
+  a sample a person would name correctly should land on its own emoji;
 - FD in the classifier's 128-d features against the held-out emoji, beside the FD of as many
   real training emoji (the floor at that sample count);
 - memorisation: the share of samples nearer (L2, 32x32 pixels) to some training emoji than
@@ -76,6 +79,17 @@ def nearest(images: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b).min(1).values
 
 
+def named(samples: torch.Tensor, split: str, index: torch.Tensor, reals: torch.Tensor) -> list[str]:
+    """Shares of samples whose nearest 1 and 10 emoji of ``split`` include the prompted one."""
+    bases = [r["base"] for r in Emoji().records(split)]
+    nearest = torch.cdist(features(samples), features(reals)).topk(10, largest=False).indices
+    wanted = [bases[int(i)] for i in index]
+    hits = [[bases[int(j)] == want for j in row] for row, want in zip(nearest, wanted, strict=True)]
+    chance = sum(bases.count(w) for w in wanted) / len(wanted) / len(bases)
+    return [f"{100 * sum(h[0] for h in hits) / len(hits):.1f}% (chance {100 * chance:.2f}%)",
+            f"{100 * sum(any(h) for h in hits) / len(hits):.1f}%"]  # fmt: skip
+
+
 def score(samples: torch.Tensor, truth: torch.Tensor, reals: torch.Tensor) -> list[str]:
     top1, probs = classify(samples)
     top5 = probs.topk(5, dim=1).indices
@@ -115,8 +129,8 @@ def run() -> str:
         samples[split] = cascade(texts, list(range(len(texts))))
         seconds = (time.perf_counter() - start) / len(texts)
         truth = labels(split)[index]
-        rows.append([f"{split} prompts", len(texts),
-                     *score(samples[split], truth, reals[index]), f"{seconds:.2f} s"])  # fmt: skip
+        rows.append([f"{split} prompts", len(texts), *score(samples[split], truth, reals[index]),
+                     *named(samples[split], split, index, reals), f"{seconds:.2f} s"])  # fmt: skip
     held_feats = features(held_real)
     both = torch.cat(list(samples.values()))
     fd = frechet_distance(features(both), held_feats)
@@ -130,7 +144,7 @@ def run() -> str:
         f"imagen-emoji`), one sample per prompt, seeds 0..n-1.",
         "",
         table(["prompts", "samples", "subcategory top-1", "top-5", "real emoji top-1",
-               "s/sample"], rows),  # fmt: skip
+               "named (nearest emoji)", "among nearest 10", "s/sample"], rows),  # fmt: skip
         "",
         f"- FD in the emoji classifier's features against the {len(held_real)} held-out emoji: "
         f"**{fd:.1f}** for the {len(both)} samples; {len(both)} real training emoji score "
