@@ -75,6 +75,13 @@ def test_word_tokens_hash_each_word_to_two_rows_the_same_in_every_process():
         cond(["a b c d e f g"])
 
 
+def test_word_tokens_take_any_unicode():
+    cond = text_conditioner(tokens="words", buckets=64).eval()
+    out = cond(["\x00 \ud800 \u202e 🍎 日本の旗", "🍎"])
+    assert torch.isfinite(out["text"]).all()
+    assert out["text_mask"][0].sum() == 1 + 5 and out["text_mask"][1].sum() == 2
+
+
 def hashed_ids(word, buckets):
     import hashlib
 

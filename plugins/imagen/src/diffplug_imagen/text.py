@@ -124,7 +124,7 @@ class TextConditioner(Conditioner):
             if strict and len(words) > n:
                 raise _too_long(k, prompt, len(words), n, "words")
             for j, word in enumerate(words[:n]):
-                digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest()
+                digest = hashlib.blake2b(word.encode("utf-8", "replace"), digest_size=8).digest()
                 first, second = (int.from_bytes(digest[i : i + 4], "little") for i in (0, 4))
                 ids[k, 1 + j] = torch.tensor([1 + first % buckets, 1 + buckets + second % buckets])
         return ids
