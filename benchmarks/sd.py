@@ -7,9 +7,9 @@ They are saved as a pipeline folder once, imported with ``diffplug import-diffus
 sampled at 256x256 (32x32 latents), 10 DDIM steps, guidance 7.5, batch 1, one prompt, by
 ``diffplug.load(...).sample`` and by diffusers' ``StableDiffusionPipeline`` in one process,
 after one untimed call of each (the process's first call pays a one-off set-up of some
-seconds, whichever side makes it), ``REPEATS`` times each in alternating order. Peak memory is the resident set's rise above what the
-process held before the call (both pipelines' weights stay loaded throughout), polled every
-5 ms. The two outputs are compared as a check that both sides did the same work.
+seconds, whichever side makes it), ``REPEATS`` times each in alternating order. Peak memory
+is the resident set's rise above what the process held before the call (both pipelines'
+weights stay loaded throughout), polled every 5 ms. The two outputs are compared as a check that both sides did the same work.
 """
 
 from __future__ import annotations
@@ -141,9 +141,8 @@ def run() -> str:
     return "\n".join([
         f"Measured on {machine()}: an SD-1.5-shaped pipeline (UNet {params / 1e6:.0f}M "
         f"parameters, random weights), {SIZE}x{SIZE}, {STEPS} DDIM steps, guidance "
-        f"{GUIDANCE:g}, batch 1, median of {REPEATS} calls each in alternating order after one untimed call "
-        "each, in one process "
-        "(`uv run python benchmarks/run.py sd`).",
+        f"{GUIDANCE:g}, batch 1, median of {REPEATS} calls each in alternating order after "
+        "one untimed call each, in one process (`uv run python benchmarks/run.py sd`).",
         "",
         table(["", "time", "calls", "per step", "peak memory above the weights"], rows),
         "",
