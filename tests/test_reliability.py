@@ -211,6 +211,14 @@ def _samplers():
     return default_registry().names("scheduler")
 
 
+def test_dpm2_ancestral_times_never_rise_where_its_midpoint_meets_the_next_level():
+    """The case hypothesis found: a midpoint a rounding above its next level gave a time
+    1e-15 above the earlier one."""
+    scheduler = default_registry().load("scheduler", "dpm2-ancestral")()
+    t = scheduler.plan(VP(VPConfig(num_train_timesteps=248, beta_schedule="linear")), 176).t
+    assert bool((t[1:] <= t[:-1]).all())
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     sampler=st.sampled_from(_samplers()),

@@ -115,6 +115,9 @@ class LevelSampler(Scheduler):
         calls = self.evaluations(levels)
         noisy = self.noise(levels)
         times = NoiseTable.of(process).time_of(torch.tensor(calls, dtype=F64))
+        # the level -> time map's round-off (~1e-15) must not make the times rise where two
+        # calls sit a rounding apart (DPM2 ancestral's midpoint at its next level)
+        times = torch.cummin(times, 0).values
         zeros = [0.0] * len(calls)
         return LevelPlan(
             t=times,
