@@ -365,3 +365,56 @@ def test_what_a_killed_checkpoint_write_leaves_is_removed_by_the_next_run(tmp_pa
     assert not (out / ".tmp-state-00000004").exists() and not (out / temp).exists()
     assert {n: (out / n).read_bytes() for n in keep} == keep
     assert (out / "latest").read_text() == "state-00000004" and _model_step(out) == 4
+
+
+@pytest.mark.parametrize("resumed", [True, False])
+def test_a_second_interrupt_during_the_interrupt_save_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, resumed
+):
+    """Ctrl-C, then Ctrl-C again while that checkpoint is being written: the write stops, its
+    partial state is removed at once, `latest` still names the last complete state, the one
+    line says which step that is, and --resume continues from it."""
+    import signal as signals
+
+    from diffplug import training
+
+    out = tmp_path / "run"
+    if resumed:
+        assert run_cli(*_small(out, steps=2), env=CORE_ENV).code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    active, step = [], training.Trainer.train_step
+    enter = training._Signals.__enter__
+
+    def remembered(self):
+        active.append(self)
+        return enter(self)
+
+    def first_ctrl_c_after_a_step(self):
+        loss = step(self)
+        active[0].caught = signals.SIGINT  # the first Ctrl-C, during this step
+        return loss
+
+    def second_ctrl_c_mid_write(self, out, state_dir, tmp_dir, extra):
+        tmp_dir.mkdir(parents=True)
+        (tmp_dir / "raw.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Signals, "__enter__", remembered)
+    monkeypatch.setattr(training.Trainer, "train_step", first_ctrl_c_after_a_step)
+    monkeypatch.setattr(training.Trainer, "_write_state", second_ctrl_c_mid_write)
+    result = run_cli(*_small(out, steps=8), *(["--resume"] if resumed else []), env=CORE_ENV)
+    assert result.code == 130, result.err
+    assert "Traceback" not in result.err
+    saving = 3 if resumed else 1
+    [line] = [line for line in result.err.splitlines() if "interrupted" in line]
+    if resumed:
+        assert line == (f"diffplug: interrupted again while saving step {saving}; {out} keeps "
+                        "its checkpoint at step 2 (continue with --resume)")  # fmt: skip
+    else:
+        assert line == f"diffplug: interrupted again while saving step {saving}; nothing was saved"
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing partial left, nothing complete lost
+    monkeypatch.undo()
+    if resumed:
+        assert run_cli(*_small(out), "--resume", env=CORE_ENV).code == 0
+        assert _model_step(out) == 4

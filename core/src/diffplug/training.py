@@ -351,6 +351,10 @@ class Trainer:
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             raise UserError(_write_failure(exc, self._location(out), out)) from None
+        except KeyboardInterrupt:  # a second Ctrl-C mid-write: the partial state goes now
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
 
     def _location(self, out: Path) -> str:
         """The file being written, named where it lands (``state-N/x``, not the temp dir)."""
@@ -756,10 +760,20 @@ def _train(
         if signals.caught is None:  # a second signal, or Ctrl-C outside a step: no save
             raise
         if trainer.step > max(saved, 0):  # else the state on disk is already this step
-            with signals:  # a second Ctrl-C during the save aborts it; `latest` stays valid
-                trainer.save(
-                    out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
-                )
+            try:
+                with signals:  # a second Ctrl-C during the save aborts it; `latest` stays valid
+                    trainer.save(
+                        out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
+                    )
+            except KeyboardInterrupt:
+                kept = latest_state(out)  # the save may have got as far as naming its state
+                raise Interrupted(
+                    f"interrupted again while saving step {trainer.step}; {out} keeps its "
+                    f"checkpoint at step {int(kept.removeprefix('state-'))} (continue with "
+                    "--resume)"
+                    if kept is not None
+                    else f"interrupted again while saving step {trainer.step}; nothing was saved"
+                ) from None
         raise Interrupted(
             f"interrupted; checkpoint at step {trainer.step} in {out} (continue with --resume)"
             if trainer.step > 0
