@@ -1,4 +1,9 @@
-"""Faults and hostile input: signals, pickles, headers, properties of every sampler."""
+"""Faults and hostile input: signals, pickles, headers, properties of every sampler.
+
+The hypothesis properties are derandomized, so CI draws the same examples every run (a
+failure is reproducible, never a flake); ``DIFFPLUG_PROPERTY_RANDOM=1`` draws fresh ones to
+explore. A case exploring found (a DPM2-ancestral plan whose time rose by 1e-15) is pinned by
+its own test."""
 
 import json
 import os
@@ -27,6 +32,13 @@ from diffplug.testing.mixture import mixture_for
 from diffplug.vp import VP, VPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPLORE = os.environ.get("DIFFPLUG_PROPERTY_RANDOM", "") not in ("", "0")
+
+
+def seeded(max_examples: int, **kw):
+    """Hypothesis settings: the same examples every run unless exploring."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=not EXPLORE,
+                    database=None, **kw)  # fmt: skip
 
 
 # -- no pickle anywhere -------------------------------------------------------------------
@@ -138,9 +150,7 @@ entries = st.fixed_dictionaries(
 )
 
 
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@seeded(200, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     header=st.dictionaries(st.text(max_size=5), entries, max_size=3),
     declared=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
@@ -162,7 +172,7 @@ def test_any_header_is_validated_or_refused_cleanly(tmp_path, header, declared, 
         assert 0 <= begin <= end <= data
 
 
-@settings(max_examples=100, deadline=None)
+@seeded(100)
 @given(st.binary(max_size=200))
 def test_random_bytes_are_refused_cleanly(data):
     import tempfile
@@ -183,9 +193,7 @@ values = st.one_of(
 )
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@seeded(60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     sampler=st.sampled_from(["fixture-ddim", "fixture-ddpm"]),
     options=st.lists(st.tuples(names, values), max_size=3),
@@ -219,7 +227,7 @@ def test_dpm2_ancestral_times_never_rise_where_its_midpoint_meets_the_next_level
     assert bool((t[1:] <= t[:-1]).all())
 
 
-@settings(max_examples=80, deadline=None)
+@seeded(80)
 @given(
     sampler=st.sampled_from(_samplers()),
     T=st.integers(2, 2000),
@@ -273,7 +281,7 @@ class _TrueX0:
         raise AssertionError("deterministic DDIM draws no noise")
 
 
-@settings(max_examples=40, deadline=None)
+@seeded(40)
 @given(
     steps=st.integers(1, 1000),
     spacing=st.sampled_from(["leading", "trailing", "linspace", "quadratic"]),
