@@ -83,3 +83,48 @@ def torch_equal(x, y):
     import torch
 
     return torch.equal(x, y)
+
+
+DISK_FULL_ON_RANK = """import errno, os, sys
+import safetensors.torch as st
+real = st.save_file
+def save(tensors, filename, *a, **kw):
+    if os.environ["RANK"] == sys.argv[1] and str(filename).endswith(sys.argv[2]):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(tensors, filename, *a, **kw)
+st.save_file = save
+from diffplug.cli import main
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rank, file", [("0", "00000006/raw.safetensors"), ("1", "00000006/rng-1.safetensors")]
+)
+def test_ddp_a_checkpoint_write_failing_on_one_rank_stops_every_rank_cleanly(tmp_path, rank, file):
+    """Disk full on one rank mid-checkpoint: every rank stops with one line (none is left
+    waiting at a barrier), the partial state goes, the step-3 checkpoint stands."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_RANK)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [TORCHRUN, "--nproc-per-node", "2", "--master-port", "29521", str(script), rank, file,
+         "train", "--method", "ddpm", "--steps", "6", "--batch-size", "8", "--width", "8",
+         "--heads", "2", "--checkpoint-every", "3", "-q", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("diffplug: error:")]
+    standing = f"the last complete checkpoint is step 3 at {out}/state-00000003"
+    assert len(errors) == 2 and all(standing in line for line in errors), proc.stderr
+    assert any(f"no space left on device while writing {out}/state-{file}" in e for e in errors)
+    assert any("another process could not write the checkpoint" in e for e in errors)
+    ours = proc.stderr.split("torch/distributed/elastic")[0]  # torchrun's own report follows
+    # each rank exits 2 (torchrun may stop the second with SIGTERM once the first is out)
+    assert "Traceback" not in ours and "exitcode  : 2" in proc.stderr, proc.stderr
+    assert "exitcode  : 1" not in proc.stderr, proc.stderr
+    assert (out / "latest").read_text() == "state-00000003"
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "model.safetensors",
+                                                     "state-00000003"]  # fmt: skip

@@ -395,7 +395,7 @@ def test_a_second_interrupt_during_the_interrupt_save_keeps_the_last_checkpoint(
         return loss
 
     def second_ctrl_c_mid_write(self, out, state_dir, tmp_dir, extra):
-        tmp_dir.mkdir(parents=True)
+        tmp_dir.mkdir(parents=True, exist_ok=True)
         (tmp_dir / "raw.safetensors").write_bytes(b"half a file")
         raise KeyboardInterrupt
 

@@ -278,32 +278,43 @@ class Trainer:
         any moment, power loss included, ``latest`` names a complete state and
         ``model.safetensors`` is never newer than it. A step whose state ``latest`` already
         names is not written again (the only complete state is never replaced in place). A
-        write that fails (disk full) removes its partial state and raises ``UserError``
-        naming the last complete checkpoint."""
+        write that fails (disk full) on any rank removes the partial state and raises
+        ``UserError`` on every rank, naming the last complete checkpoint: no rank is left
+        waiting for one that gave up."""
         state_dir = out / f"state-{self.step:08d}"
         tmp_dir = out / f".tmp-state-{self.step:08d}"
         if latest_state(out) == state_dir.name:  # every rank reads the same file
             if self.rank == 0 and model_step(out) != self.step:  # a write died before it
-                self._guarded(out, lambda: self.save_model(out, extra))
-                _rotate(out, state_dir.name)
-            distributed.barrier()
+                self._together(out, lambda: self._mend_model(out, state_dir, extra))
+            else:
+                self._together(out, lambda: None)
             return
-        self._guarded(out, lambda: self._write_state(out, state_dir, tmp_dir, extra), tmp_dir)
-        distributed.barrier()
+        self._together(out, lambda: self._make_temporary(out, tmp_dir), tmp_dir)
+        self._together(out, lambda: self._write_rng(tmp_dir), tmp_dir)
+        self._together(out, lambda: self._write_state(out, state_dir, tmp_dir, extra), tmp_dir)
+
+    def _mend_model(self, out: Path, state_dir: Path, extra: dict[str, Any]) -> None:
+        self.save_model(out, extra)
+        _rotate(out, state_dir.name)
+
+    def _make_temporary(self, out: Path, tmp_dir: Path) -> None:
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+
+    def _write_rng(self, tmp_dir: Path) -> None:
+        """Each rank's own RNG state (the others are rank 0's to write)."""
+        from safetensors.torch import save_file
+
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        self._file(tmp_dir / f"rng-{self.rank}.safetensors", lambda p: save_file(rng, str(p)))
 
     def _write_state(
         self, out: Path, state_dir: Path, tmp_dir: Path, extra: dict[str, Any]
     ) -> None:
         from safetensors.torch import save_file
 
-        if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir()
-        distributed.barrier()
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        self._file(tmp_dir / f"rng-{self.rank}.safetensors", lambda p: save_file(rng, str(p)))
-        distributed.barrier()
         if self.rank != 0:
             return
         raw, ema = _contiguous(self.raw_state()), _contiguous(dict(enumerate(self.ema)))
@@ -341,20 +352,31 @@ class Trainer:
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
 
-    def _guarded(self, out: Path, write: Callable[[], None], tmp_dir: Path | None = None) -> None:
-        """Run ``write``; an OSError (a full disk, a vanished folder) removes the partial
-        state and becomes one ``UserError`` line naming the last complete checkpoint."""
+    def _together(self, out: Path, write: Callable[[], None], tmp_dir: Path | None = None) -> None:
+        """Run ``write`` on every rank, then learn whether it failed on any (this is also the
+        ranks' barrier). An OSError (a full disk, a vanished folder) anywhere removes the
+        partial state and becomes one ``UserError`` line on every rank, naming the last
+        complete checkpoint."""
         self._writing = out
+        failure: OSError | None = None
         try:
             write()
         except OSError as exc:
-            if tmp_dir is not None:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise UserError(_write_failure(exc, self._location(out), out)) from None
+            failure = exc
         except KeyboardInterrupt:  # a second Ctrl-C mid-write: the partial state goes now
             if tmp_dir is not None:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
+        if not distributed.any_rank(failure is not None):
+            return
+        if tmp_dir is not None and (failure is not None or self.rank == 0):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if failure is not None:
+            raise UserError(_write_failure(failure, self._location(out), out)) from None
+        raise UserError(
+            f"another process could not write the checkpoint in {out} (its error says why); "
+            f"{_still_standing(out)}"
+        )
 
     def _location(self, out: Path) -> str:
         """The file being written, named where it lands (``state-N/x``, not the temp dir)."""
@@ -531,15 +553,20 @@ def _write_failure(exc: OSError, location: str, out: Path) -> str:
         what = f"no space left on device while writing {location}"
     else:
         what = f"cannot write {location}: {exc.strerror or exc}"
+    return f"{what}; {_still_standing(out)}"
+
+
+def _still_standing(out: Path) -> str:
+    """The checkpoint in ``out`` that a failed write left complete, in words."""
     name = latest_state(out)
     if name is None or not (out / name / "state.json").is_file():
-        return f"{what}; no checkpoint is complete yet"
+        return "no checkpoint is complete yet"
     try:
         step = int(json.loads((out / name / "state.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{what}; the last complete checkpoint is {out / name}"
+        return f"the last complete checkpoint is {out / name}"
     return (
-        f"{what}; the last complete checkpoint is step {step} at {out / name} "
+        f"the last complete checkpoint is step {step} at {out / name} "
         "(free space, then continue with --resume)"
     )
 
