@@ -42,8 +42,10 @@ def static_model(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("name", ["imagen-digits-base", "imagen-emoji-base"])
-def test_the_shipped_base_models_record_the_measured_threshold(name):
+@pytest.mark.parametrize(
+    "name", ["imagen-digits-base", "imagen-emoji-base", "imagen-digits-sr", "imagen-emoji-sr"]
+)
+def test_the_shipped_cascade_models_record_the_measured_threshold(name):
     recorded = read_metadata(_shipped(name))["extra"]["threshold"]
     run = diffplug.load(model=name, sampler="ddim", steps=2)
     assert (run.threshold, run.percentile) == (recorded["kind"], recorded["percentile"])
@@ -91,3 +93,17 @@ def test_a_cascade_stage_uses_its_models_recorded_threshold(static_model):
     given = run_stage(spec, seeds=[0], conditions=[PROMPT], batch_size=1,
                       device=torch.device("cpu"))  # fmt: skip
     assert given.recipe["threshold"] == "dynamic"
+
+
+def test_a_super_resolution_stage_uses_its_models_recorded_threshold(tmp_path):
+    from diffplug_imagen.cascade import Cascade, CascadeConfig
+
+    sr = tmp_path / "sr-static.safetensors"
+    shutil.copy(_shipped("imagen-digits-sr"), sr)
+    _record_threshold()(str(sr), "static")
+    assert CascadeConfig().sr_threshold == ["recorded"]
+    for given, expected in ((["recorded"], "static"), (["none"], "none")):
+        cfg = CascadeConfig(base_steps=2, sr_models=[str(sr)], sr_steps=[2], sr_threshold=given)
+        stages = Cascade(cfg).run(prompts=[PROMPT], seeds=[0], batch_size=1,
+                                  device=torch.device("cpu"))  # fmt: skip
+        assert stages[1].recipe["threshold"] == expected

@@ -53,7 +53,9 @@ class CascadeConfig:
     )
     sr_steps: list[int] = option([25], "steps per stage (one for all)")
     sr_guidance: list[float] = option([1.0], "guidance per stage (one for all)")
-    sr_threshold: list[str] = option(["dynamic"], "thresholding per stage (one for all)")
+    sr_threshold: list[str] = option(
+        [RECORDED], "thresholding per stage (one for all); recorded: each stage model's own"
+    )
     sr_aug_level: list[float] = option(
         [0.1], "noise-augmentation level per stage, for stages whose conditioner has one"
     )
@@ -71,8 +73,10 @@ class CascadeConfig:
                     f"stage ({n}); got {len(values)}"
                 )
         for value in self.sr_threshold:
-            if value not in THRESHOLDS:
-                raise OptionError(f"pipeline imagen: --sr-threshold {value!r}; use {THRESHOLDS}")
+            if value not in (RECORDED, *THRESHOLDS):
+                raise OptionError(
+                    f"pipeline imagen: --sr-threshold {value!r}; use {(RECORDED, *THRESHOLDS)}"
+                )
         for value in self.sr_steps:
             if value < 1:
                 raise OptionError("pipeline imagen: --sr-steps must be positive")
@@ -84,6 +88,11 @@ class EmojiCascadeConfig(CascadeConfig):
 
     base_model: str = option("imagen-emoji-base", "the text-conditional base model (16x16)")
     sr_models: list[str] = option(["imagen-emoji-sr"], "super-resolution stages (16 -> 32)")
+
+
+def _recorded_or(threshold: str) -> str | None:
+    """A stage's thresholding as ``StageSpec`` takes it: None for the model's recorded one."""
+    return None if threshold == RECORDED else threshold
 
 
 def _at(values: Sequence[Any], k: int) -> Any:
@@ -103,7 +112,7 @@ class Cascade(Pipeline):
                 cfg.base_sampler,
                 cfg.base_steps,
                 cfg.guidance,
-                None if cfg.threshold == RECORDED else cfg.threshold,
+                _recorded_or(cfg.threshold),
                 cfg.percentile,
             )  # fmt: skip
         ]
@@ -117,7 +126,7 @@ class Cascade(Pipeline):
                     _at(cfg.sr_samplers, k),
                     _at(cfg.sr_steps, k),
                     _at(cfg.sr_guidance, k),
-                    _at(cfg.sr_threshold, k),
+                    _recorded_or(_at(cfg.sr_threshold, k)),
                     cfg.percentile,
                     conditioner_options=aug,
                 )  # fmt: skip
