@@ -250,6 +250,25 @@ def adm() -> str:
     ])  # fmt: skip
 
 
+def adm_heads() -> str:
+    """The dual UNet against its c branch alone (x0 = -c; eps derived from x_t), trained
+    alike; each at 10 steps of both of ADM's samplers."""
+    cells = {}
+    for model in ("adm-digits", "adm-digits-onehead"):
+        for deterministic in (False, True):
+            name = f"`{model}`, {'deterministic' if deterministic else 'stochastic'}, 10 steps"
+            cells[model, deterministic] = sample(name, stage(model, "adm", 10,
+                                                             deterministic=deterministic))  # fmt: skip
+    lines = ["### Two heads against one (ADM, 10 steps)", "", cells_table(list(cells.values())),
+             ""]  # fmt: skip
+    for deterministic in (False, True):
+        two, one = cells["adm-digits", deterministic], cells["adm-digits-onehead", deterministic]
+        agree = [-differs(two, one, m) for m in ("digits_fd", "pixel_fd")]
+        kind = "deterministic" if deterministic else "stochastic"
+        lines.append(f"- two heads beat one ({kind} sampler): **{verdict(agree, 1)}**.")
+    return "\n".join(lines)
+
+
 def thresholding() -> str:
     prompts, labels = digit_prompts()
     cells: dict[tuple[str, float, float], Cell] = {}
@@ -284,7 +303,7 @@ class EmojiScores:
 
 
 @functools.cache
-def _emoji_references() -> dict[str, torch.Tensor]:
+def _emoji_references(size: int = 16) -> dict[str, torch.Tensor]:
     import torch.nn.functional as F
 
     from diffplug_emoji.classifier import load_classifier, prepare
@@ -296,10 +315,10 @@ def _emoji_references() -> dict[str, torch.Tensor]:
 
     train, held = (Emoji().images(s).float() / 255 for s in ("train", "heldout"))
     with torch.no_grad():
-        held_features = load_classifier().features(prepare(at(held, 16))).double()
+        held_features = load_classifier().features(prepare(at(held, size))).double()
     return {"held_features": held_features,
-            "train_pixels": at(at(train, 16), 8).reshape(len(train), -1).double(),
-            "border": _border(at(held, 16)).mean()}  # fmt: skip
+            "train_pixels": at(at(train, size), 8).reshape(len(train), -1).double(),
+            "border": _border(at(held, size)).mean()}  # fmt: skip
 
 
 def _border(images: torch.Tensor) -> torch.Tensor:
@@ -314,7 +333,7 @@ def emoji_judge(images: torch.Tensor, labels: torch.Tensor | None, seconds: floa
     from diffplug_emoji.classifier import classify, load_classifier, prepare
 
     x = (images.clamp(-1, 1) + 1) / 2
-    ref = _emoji_references()
+    ref = _emoji_references(x.shape[-1])
     top1, _ = classify(x)
     with torch.no_grad():
         feats = load_classifier().features(prepare(x)).double()
@@ -336,15 +355,18 @@ EMOJI_GUIDANCE = [3.0, 8.0]
 EMOJI_THRESHOLDING = [("none", 0.995), ("static", 0.995), ("dynamic", 0.9), ("dynamic", 0.995)]
 
 
-def emoji_thresholding() -> str:
-    """The same question on white-background colour images: `imagen-emoji-base` at 16x16."""
+def _emoji_prompts() -> tuple[list[str], torch.Tensor]:
     from diffplug_emoji.classifier import labels as emoji_labels
     from diffplug_emoji.dataset import Emoji
 
     records = Emoji().records("train")
     index = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))[:N_EMOJI]
-    prompts = [records[int(i)]["captions"][0] for i in index]
-    labels = emoji_labels("train")[index]
+    return [records[int(i)]["captions"][0] for i in index], emoji_labels("train")[index]
+
+
+def emoji_thresholding() -> str:
+    """The same question on white-background colour images: `imagen-emoji-base` at 16x16."""
+    prompts, labels = _emoji_prompts()
     cells: dict[tuple[str, float, float], Cell] = {}
     for guidance in EMOJI_GUIDANCE:
         for kind, p in EMOJI_THRESHOLDING:
@@ -368,6 +390,59 @@ def emoji_thresholding() -> str:
     best = min(cells.values(), key=lambda c: c.mean("emoji_fd") / 100 + c.mean("pixel_fd"))
     lines.append(f"- lowest FDs (emoji FD / 100 + pixel FD): {best.name}.")
     return "\n".join(lines)
+
+
+#: the super-resolution stages' candidates (the base stage's grid, less the extremes)
+SR_THRESHOLDING = [("none", 0.995), ("static", 0.995), ("dynamic", 0.95), ("dynamic", 0.995)]
+
+
+def sr_thresholding() -> str:
+    """Which thresholding each super-resolution stage should record: its stage fed the base
+    stage's samples at the cascade's defaults (the same base images for every setting)."""
+    from diffplug_imagen.cascade import CascadeConfig, EmojiCascadeConfig
+
+    cascades = [("digits", CascadeConfig(), *digit_prompts(), N, judge, METRICS + PROMPTED,
+                 ("digits_fd", "pixel_fd")),
+                ("emoji", EmojiCascadeConfig(), *_emoji_prompts(), N_EMOJI, emoji_judge,
+                 EMOJI_METRICS, ("emoji_fd", "pixel_fd"))]  # fmt: skip
+    lines = []
+    for name, cfg, prompts, labels, n, judged_by, metrics, fds in cascades:
+        base = StageSpec(cfg.base_model, cfg.base_sampler, cfg.base_steps, cfg.guidance)
+        low: dict[int, torch.Tensor] = {}  # the base samples of each seed block, drawn once
+
+        def base_images(seeds: list[int], base: StageSpec = base, prompts: list[str] = prompts,
+                        low: dict[int, torch.Tensor] = low, n: int = n) -> torch.Tensor:  # fmt: skip
+            if seeds[0] not in low:
+                low[seeds[0]] = run_stage(base, seeds=seeds, conditions=prompts, batch_size=n,
+                                          device=CPU).images  # fmt: skip
+            return low[seeds[0]]
+
+        cells: dict[tuple[str, float], Cell] = {}
+        for kind, p in SR_THRESHOLDING:
+            spec = StageSpec(cfg.sr_models[0], cfg.sr_samplers[0], cfg.sr_steps[0],
+                             cfg.sr_guidance[0], kind, p,
+                             conditioner_options={"level": cfg.sr_aug_level[0]})  # fmt: skip
+
+            def draw(seeds: list[int], spec: StageSpec = spec, base_images=base_images,
+                     n: int = n) -> torch.Tensor:  # fmt: skip
+                return run_stage(spec, seeds=seeds, conditions=list(base_images(seeds)),
+                                 batch_size=n, device=CPU).images  # fmt: skip
+
+            cells[kind, p] = sample(f"`{spec.model}`, {_threshold_name(kind, p)}", draw, labels,
+                                    n, judged_by)  # fmt: skip
+        none = cells["none", 0.995]
+        best = min(cells.values(), key=lambda c: sum(c.mean(m) / none.mean(m) for m in fds))
+        lines += [f"### Super-resolution thresholding, {name} cascade (`{spec.model}`, "
+                  f"{spec.sampler} {spec.steps}, level {cfg.sr_aug_level[0]:g})", "",
+                  cells_table(list(cells.values()), metrics=metrics), ""]  # fmt: skip
+        if name == "emoji":
+            border = float(_emoji_references(32)["border"])
+            lines += [f"Real held-out emoji at 32x32: border brightness {100 * border:.1f}%.", ""]
+        for kind, p in SR_THRESHOLDING[1:]:
+            agree = [-differs(cells[kind, p], cells["none", 0.995], m) for m in fds]
+            lines.append(f"- {_threshold_name(kind, p)} beats none: **{verdict(agree, 1)}**.")
+        lines += [f"- lowest FDs (each relative to none's): {best.name}.", ""]
+    return "\n".join(lines).rstrip()
 
 
 def _threshold_name(kind: str, p: float) -> str:
@@ -429,8 +504,10 @@ def latent_against_pixels() -> str:
 SECTIONS: dict[str, Callable[[], str]] = {
     "ddpm-ddim": ddpm_and_ddim,
     "adm": adm,
+    "adm-heads": adm_heads,
     "thresholding": thresholding,
     "thresholding-emoji": emoji_thresholding,
+    "thresholding-sr": sr_thresholding,
     "noise-aug": noise_augmentation,
     "latent": latent_against_pixels,
 }

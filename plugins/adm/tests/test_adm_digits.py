@@ -1,6 +1,8 @@
 """The shipped adm-digits model: loads by name, is the default for `--sampler adm`, draws
 recognisable digits of every class, and does not copy its training set."""
 
+import dataclasses
+
 import pytest
 import torch
 from cliutil import run_cli
@@ -64,3 +66,24 @@ def test_run_adm_with_a_schedule_records_it_and_replays(tmp_path):
 
     with Image.open(first) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_the_one_head_control_is_adm_digits_less_its_eps_branch():
+    """`adm-digits-onehead`, the two-head ablation's control (docs/claims.md): the same
+    network and recipe but the c branch alone, predicting x0; never the sampler's default."""
+    registry = default_registry()
+    two, _ = load_model(registry, "adm-digits")
+    one, _ = load_model(registry, "adm-digits-onehead")
+    assert one.prediction == "x0" and one.process.name == "decoupled"
+    assert {f.name: getattr(one.config, f.name) for f in dataclasses.fields(one.config)} == {
+        f.name: getattr(two.config, f.name) for f in dataclasses.fields(two.config)
+    } | {"prediction": "x0"}
+    assert set(one.state_dict()) == {k for k in two.state_dict() if "_eps" not in k}
+
+
+@pytest.mark.slow
+def test_the_one_head_control_draws_digits():
+    model, _ = load_model(default_registry(), "adm-digits-onehead")
+    report = evaluate.evaluate(sample(model, ADM(), steps=10, seeds=range(300), batch_size=100))
+    assert report["confidence"] > 0.8 and min(report["class_histogram"]) >= 0.03, report
+    assert report["digits_fd"] < 4 * report["floor"], report

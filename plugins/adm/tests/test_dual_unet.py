@@ -218,6 +218,7 @@ def test_bad_cond_weights_are_user_errors(tmp_path):
         ({"cond_weights": "w.safetensors"}, "cond-encoder"),
         ({"cond_encoder": "resnet18", "cond_dim": 30}, "multiple of 4"),
         ({"prediction": "eps"}, "c_eps"),
+        ({"prediction": "v"}, "x0 with one head"),
         ({"mults": []}, "mults"),
     ],
 )
@@ -305,3 +306,38 @@ def test_registry_builds_it_from_options():
     cond = cls.from_options(cond_encoder="resnet18", cond_resize="32", cond_dim="32")
     assert cond.conditioning == "image"
     check_denoiser(cond, cond={"image": torch.randn(2, 1, 8, 8)})
+
+
+def test_the_one_head_ablation_is_the_c_branch_alone_giving_x0():
+    """``prediction="x0"``: the same network less the eps branch; it outputs -c_hat, with
+    identical weights identical to the pair's c output, and the loop derives eps_hat."""
+    pair = _model()
+    _perturb_outputs(pair)
+    one = _model(prediction="x0")
+    assert not hasattr(one, "decoder_eps") and not hasattr(one, "decouple_eps")
+    own = one.state_dict()
+    assert set(own) < set(pair.state_dict())
+    one.load_state_dict({k: v for k, v in pair.state_dict().items() if k in own})
+    pair.eval(), one.eval()
+    x, t, _ = _inputs(batch=3)
+    with torch.no_grad():
+        c_hat, _ = pair(x, t)
+        x0_hat = one(x, t)
+    assert torch.equal(x0_hat, -c_hat)
+    check_denoiser(one)
+    halved = sum(p.numel() for p in pair.parameters()) - sum(p.numel() for p in one.parameters())
+    decoder = sum(p.numel() for m in (pair.decoder_eps, pair.decouple_eps) for p in m.parameters())
+    assert halved == decoder
+
+
+def test_the_one_head_model_trains_with_the_adm_method_on_x0_only():
+    from diffplug_adm.method import ADMMethod, ADMMethodConfig
+
+    model = _model(prediction="x0")
+    method = ADMMethod(ADMMethodConfig(weighting="authors"))
+    x0 = torch.rand(4, 1, SIZE, SIZE) * 2 - 1
+    loss = method.loss(model, x0, None, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.decoder_c.conv_out.weight.grad.abs().sum() > 0
+    t = torch.tensor([0.5])
+    assert [w.tolist() for w in method.weights(t, model)] == [[2.0]]

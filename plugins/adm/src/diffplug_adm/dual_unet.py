@@ -33,8 +33,12 @@ MAX_POSITION_FREQ = 64.0
 
 @dataclass
 class DualUNetConfig(DenoiserConfig):
-    prediction: str = option("c_eps", "what the network outputs (the decoupled pair)",
-                             choices=("c_eps",))  # fmt: skip
+    prediction: str = option(
+        "c_eps",
+        "what the network outputs: the decoupled pair, or x0 = -c from the c branch alone (the "
+        "one-head ablation; eps is then derived from x_t)",
+        choices=("c_eps", "x0"),
+    )
     process: dict = option({"name": "decoupled"}, "the forward process it is trained on")
     size: int = option(8, "image (or latent) height and width", min=1)
     channels: int = option(1, "image (or latent) channels", min=1)
@@ -65,8 +69,10 @@ class DualUNetConfig(DenoiserConfig):
 
     def __post_init__(self) -> None:
         owner = "denoiser dual-unet"
-        if self.prediction != "c_eps":
-            raise OptionError(f"{owner}: predicts the pair c_eps, not {self.prediction!r}")
+        if self.prediction not in ("c_eps", "x0"):
+            raise OptionError(
+                f"{owner}: predicts the pair c_eps (or x0 with one head), not {self.prediction!r}"
+            )
         if self.conditioning == "none":
             self.conditioning = None
         if self.cond_encoder is not None and self.conditioning is None:
@@ -361,7 +367,8 @@ def _load_backbone(backbone: nn.Module, name: str, path: str) -> None:
 
 
 class DualUNet(Denoiser):
-    """Shared encoder and mid block, two decouple modules and decoders: (c_hat, eps_hat)."""
+    """Shared encoder and mid block, two decouple modules and decoders: (c_hat, eps_hat);
+    with ``prediction="x0"`` the c branch alone, giving x0_hat = -c_hat."""
 
     Config = DualUNetConfig
 
@@ -395,13 +402,15 @@ class DualUNet(Denoiser):
             ]
         )
         self.decouple_c = Decouple(ch, cfg.groups)
-        self.decouple_eps = Decouple(ch, cfg.groups)
         self.decoder_c = Decoder(cfg)
-        self.decoder_eps = Decoder(cfg)
+        self.two_heads = cfg.prediction == "c_eps"
+        if self.two_heads:
+            self.decouple_eps = Decouple(ch, cfg.groups)
+            self.decoder_eps = Decoder(cfg)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         cfg = self.config
         factor = 2 ** (len(cfg.mults) - 1)
         if x.ndim != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
@@ -426,11 +435,11 @@ class DualUNet(Denoiser):
         h = self.mid[1](h)
         h = self.mid[2](h, emb)
         f1 = self.decoder_c(self.decouple_c(h), emb, context, skips)
+        c_hat = (tb - 1) * x + (tb / (1 + tb).sqrt()) * f1 if cfg.precondition else f1
+        if not self.two_heads:
+            return -c_hat  # x0_hat: the loop derives eps_hat from x_t and it
         f2 = self.decoder_eps(self.decouple_eps(h), emb, context, skips)
-        if not cfg.precondition:
-            return f1, f2
-        c_hat = (tb - 1) * x + (tb / (1 + tb).sqrt()) * f1
-        eps_hat = tb.sqrt() * x + ((1 - tb) / (1 + tb)).sqrt() * f2
+        eps_hat = tb.sqrt() * x + ((1 - tb) / (1 + tb)).sqrt() * f2 if cfg.precondition else f2
         return c_hat, eps_hat
 
     def _context(self, cond: Cond, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -45,4 +45,6 @@ class ADMMethod(Method):
         if self.config.weighting == "none":
             return None
         t = t.float()
+        if denoiser.prediction != "c_eps":  # one head, the c branch's target (x0 = -c)
+            return (1 / t,)
         return 1 / t, 1 / (1 - t + 1e-4)

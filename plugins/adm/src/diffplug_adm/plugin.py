@@ -39,6 +39,12 @@ def register_pretrained(register: Register) -> None:
         "dual UNet (c, eps) trained with ADM's loss on the 8x8 digits; EMA weights",
     )
     register(
+        "adm-digits-onehead",
+        "diffplug_adm:weights/adm-digits-onehead.safetensors",
+        "the c branch of adm-digits alone (x0 = -c, eps derived), trained alike: the two-head "
+        "ablation's control",
+    )
+    register(
         "adm-latent-digits",
         "diffplug_adm:weights/adm-latent-digits.safetensors",
         "dual UNet in the latents of vae-digits (diffplug-vae): 32x32 digits",
