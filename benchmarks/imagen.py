@@ -110,8 +110,8 @@ def recorded_thresholding(model: str) -> str:
                 autoencoder=None, guidance=1.0, threshold=None, percentile=None,
                 device=torch.device("cpu"), options={})  # fmt: skip
     if probe.threshold == "dynamic":
-        return f"dynamic thresholding at p = {probe.percentile:g}"
-    return f"{probe.threshold} thresholding"
+        return f"dynamic, p = {probe.percentile:g}"
+    return probe.threshold
 
 
 def run() -> str:
@@ -128,9 +128,9 @@ def run() -> str:
         table(header, rows),
         "![guidance sweep](imagen-guidance.png)",
         f"Whole cascade at its defaults (`{BASE}` then `{SR}`, "
-        f"guidance {CascadeConfig().guidance:g}; each stage's recorded thresholding, the base's "
-        f"{recorded_thresholding(BASE)}, the super-resolution stage's "
-        f"{recorded_thresholding(SR)}), 200 samples each:",
+        f"guidance {CascadeConfig().guidance:g}; thresholding as each model records it: base "
+        f"{recorded_thresholding(BASE)}, super-resolution {recorded_thresholding(SR)}), 200 "
+        "samples each:",
         table(["prompt", "base accuracy", "final (32x32) accuracy", "final digits FD"], cascade),
     ])  # fmt: skip
 
