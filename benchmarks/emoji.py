@@ -147,8 +147,9 @@ def run() -> str:
                "named (nearest emoji)", "among nearest 10", "s/sample"], rows),  # fmt: skip
         "",
         f"- FD in the emoji classifier's features against the {len(held_real)} held-out emoji: "
-        f"**{fd:.1f}** for the {len(both)} samples; {len(both)} real training emoji score "
-        f"{floor:.1f} (the floor at that count).",
+        f"**{fd:.1f}** for the {len(both)} samples; for scale, {len(both)} real training emoji "
+        f"score {floor:.1f} (not a floor: {len(held_real)} of the samples are prompted with the "
+        "held-out emoji's own captions, which the training emoji do not show).",
         f"- memorisation: {100 * memorised:.1f}% of samples are nearer a training emoji than "
         "90% of held-out emoji are (held-out emoji: 10%).",
         f"- {len(subcategories())} subcategories; chance is about 1%.",
