@@ -556,6 +556,16 @@ def _write_failure(exc: OSError, location: str, out: Path) -> str:
     return f"{what}; {_still_standing(out)}"
 
 
+def _kept(out: Path) -> str:
+    """What an aborted save left resumable (it may have got as far as naming its state)."""
+    name = latest_state(out)
+    if name is None:
+        return "nothing was saved"
+    step = name.removeprefix("state-")
+    where = f"step {int(step)}" if step.isdigit() else name
+    return f"{out} keeps its checkpoint at {where} (continue with --resume)"
+
+
 def _still_standing(out: Path) -> str:
     """The checkpoint in ``out`` that a failed write left complete, in words."""
     name = latest_state(out)
@@ -793,13 +803,8 @@ def _train(
                         out, {"step": trainer.step, "train": dataclasses.asdict(config), **extra}
                     )
             except KeyboardInterrupt:
-                kept = latest_state(out)  # the save may have got as far as naming its state
                 raise Interrupted(
-                    f"interrupted again while saving step {trainer.step}; {out} keeps its "
-                    f"checkpoint at step {int(kept.removeprefix('state-'))} (continue with "
-                    "--resume)"
-                    if kept is not None
-                    else f"interrupted again while saving step {trainer.step}; nothing was saved"
+                    f"interrupted again while saving step {trainer.step}; {_kept(out)}"
                 ) from None
         raise Interrupted(
             f"interrupted; checkpoint at step {trainer.step} in {out} (continue with --resume)"
