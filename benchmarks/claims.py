@@ -225,6 +225,17 @@ def ddpm_and_ddim() -> str:
         f"{real.pixel_fd:.2f}, SVM confidence {100 * real.svm_confidence:.1f}%.",
         "",
     ]
+    # DDPM: as recognisable as real digits (judge 2's confidence), and how far off on the FDs
+    same = abs(ddpm.mean("svm_confidence") - real.svm_confidence) <= 2 * ddpm.spread(
+        "svm_confidence")  # fmt: skip
+    far = [ddpm.mean(m) - getattr(real, m) > 2 * ddpm.spread(m) for m in ("digits_fd", "pixel_fd")]
+    found = ("reproduces" if same and not any(far)
+             else "partly (recognisable, but off the real digits on both FDs)" if same and all(far)
+             else "partly" if same or not all(far) else "does not here")  # fmt: skip
+    lines.append(f"- DDPM-1000 samples against the real digits: SVM confidence "
+                 f"{ddpm.show('svm_confidence', True)} against {100 * real.svm_confidence:.1f}%, "
+                 f"digits FD {ddpm.show('digits_fd')} against {real.digits_fd:.2f}, pixel FD "
+                 f"{ddpm.show('pixel_fd')} against {real.pixel_fd:.2f}: **{found}**.")  # fmt: skip
     # DDIM: 20-50 steps come within the spread of (or beat) DDPM-1000 on both FDs
     near = [differs(ddim[50], ddpm, m) <= 0 and differs(ddim[20], ddpm, m) <= 0
             for m in ("digits_fd", "pixel_fd")]  # fmt: skip
