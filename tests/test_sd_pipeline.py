@@ -190,3 +190,38 @@ def test_a_pipeline_folder_without_model_index_is_refused(folder, tmp_path):
                  ["run", "--model", str(bad), "--sampler", "ddim", "-o", str(tmp_path / "x.png")]):  # fmt: skip
         assert_clean_error(run_cli(*args, env={"DIFFPLUG_CACHE_DIR": str(tmp_path)}),
                            "no model_index.json")  # fmt: skip
+
+
+def test_another_size_equals_the_pipeline_at_that_height_and_width(checkpoint, pipe, tmp_path):
+    """`--size 24x32` (16x16 is the tiny pipeline's own): the same images as diffusers'
+    ``height=32, width=24``, and the size is in the recipe, so a replay draws them again."""
+    make, sampler, options = CASES["ddim"]
+    run = diffplug.load(model=str(checkpoint), sampler=sampler, steps=STEPS, guidance=GUIDANCE,
+                        size=(32, 24), **options)  # fmt: skip
+    mine = run.sample(seeds=SEEDS, prompt=PROMPTS, progress=False)
+    pipe.scheduler = make()
+    theirs = pipe(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  height=32, width=24, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images  # fmt: skip
+    assert mine.tensor.shape == theirs.shape == (2, 3, 32, 24)
+    assert float((mine.tensor.double() - theirs.double()).abs().max()) <= BOUND
+    assert run.recipe["size"] == [32, 24]
+    out = tmp_path / "a.safetensors"
+    mine.save(out)
+    again = diffplug.load(recipe=out).sample(progress=False).tensor
+    assert torch.equal(again, mine.tensor)
+    cli = tmp_path / "cli.safetensors"
+    result = run_cli("run", "--model", str(checkpoint), "--sampler", "ddim", "--steps-offset",
+                     "1", "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--size", "24x32",
+                     "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--seed", "3", "-q",
+                     "-o", str(cli))  # fmt: skip
+    assert result.code == 0, result.err
+    assert torch.equal(diffplug.load_tensors(cli)["samples"], mine.tensor)
+
+
+def test_a_size_the_vae_cannot_halve_is_one_line(checkpoint, tmp_path):
+    result = run_cli("run", "--model", str(checkpoint), "--sampler", "ddim", "--size", "21",
+                     "--prompt", "a", "-o", str(tmp_path / "x.png"))  # fmt: skip
+    assert result.code == 2 and "Traceback" not in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1 and "multiples of 2" in result.err, result.err
+    assert not (tmp_path / "x.png").exists()

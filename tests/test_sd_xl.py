@@ -54,3 +54,20 @@ def test_sdxl_equals_stable_diffusion_xl_pipeline(folder, checkpoint, negative):
     assert ours.tensor.shape == ref.shape == (2, 3, 16, 16)
     err = float((ours.tensor.double() - ref.double()).abs().max())
     assert err <= 1e-4, err
+
+
+def test_sdxl_at_another_size_equals_the_pipeline_at_that_height_and_width(folder, checkpoint):
+    """`size=(24, 32)`: the size ids follow the image (original = target = (24, 32), as
+    diffusers' default), so the images equal ``height=24, width=32``."""
+    sampling = read_metadata(checkpoint)["extra"]["sampling"]
+    run = diffplug.load(model=str(checkpoint), sampler=sampling["sampler"], steps=8,
+                        guidance=5.0, size=(24, 32), **sampling["options"])  # fmt: skip
+    ours = run.sample(seeds=SEEDS, prompt=PROMPTS, progress=False)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=PROMPTS, num_inference_steps=8, guidance_scale=5.0, height=24, width=32,
+               output_type="pt",
+               generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images  # fmt: skip
+    assert ours.tensor.shape == ref.shape == (2, 3, 24, 32)
+    err = float((ours.tensor.double() - ref.double()).abs().max())
+    assert err <= 1e-4, err

@@ -45,6 +45,8 @@ from diffplug.transforms import THRESHOLDS, thresholds
 
 RECIPE_FORMAT = "diffplug.recipe/2"
 DEFAULT_PERCENTILE = 0.995
+#: the largest side ``size`` takes (an SDXL image is 1024)
+MAX_SIZE = 8192
 
 
 def load(
@@ -63,6 +65,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     chunk: int | None = None,
+    size: int | tuple[int, int] | None = None,
     pipeline: str | None = None,
     recipe: str | os.PathLike[str] | dict[str, Any] | None = None,
     allow_different: bool = False,
@@ -88,7 +91,10 @@ def load(
     thread count; 0 calls on whole batches, the default on GPUs). ``device`` is ``auto``
     (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``; ``dtype`` (``float32``,
     ``float16``, ``bfloat16``) the precision of the components and the loop. Either,
-    unavailable here, is a one-line ``UserError``.
+    unavailable here, is a one-line ``UserError``. ``size`` (``(height, width)``, or one
+    side of a square) samples images of another size than the model's own, where its
+    network allows (a Stable Diffusion U-Net at 768x512, say); it is checked by one call at
+    that size before anything is drawn.
     """
     registry = registry or default_registry()
     if recipe is not None:
@@ -96,7 +102,7 @@ def load(
                      sigma_min=sigma_min, sigma_max=sigma_max, conditioner=conditioner,
                      autoencoder=autoencoder, guidance=guidance, threshold=threshold,
                      percentile=percentile, pipeline=pipeline, chunk=chunk, dtype=dtype,
-                     **options)  # fmt: skip
+                     size=size, **options)  # fmt: skip
         extra = sorted(k for k, v in given.items() if v is not None)
         if extra:
             raise UserError(
@@ -112,6 +118,8 @@ def load(
             )
         if chunk is not None:
             raise UserError("chunk goes with a single model; a pipeline's stages use the default")
+        if size is not None:
+            raise UserError("size goes with a single model; a pipeline's stages set their own")
         if dtype is not None and resolve_dtype(dtype) != torch.float32:
             raise UserError("dtype goes with a single model; a pipeline's stages run in float32")
         shared = {"guidance": guidance, "threshold": threshold, "percentile": percentile,
@@ -136,6 +144,7 @@ def load(
         dtype=resolve_dtype(dtype, where),
         options=options,
         chunk=chunk,
+        size=None if size is None else ((size, size) if isinstance(size, int) else size),
     )
 
 
@@ -186,6 +195,7 @@ class Run:
         strict_options: bool = True,
         chunk: int | None = None,
         dtype: torch.dtype = torch.float32,
+        size: tuple[int, int] | None = None,
     ) -> None:
         self.registry, self.device, self.dtype = registry, device, dtype
         self._sampler_entry = registry.get("scheduler", sampler)
@@ -226,6 +236,7 @@ class Run:
             for part in (self.denoiser, self.conditioner, self.autoencoder):
                 if part is not None:
                     part.to(dtype)
+        self.size = None if size is None else self._size(size)
         try:
             self.loop: Loop = prepare(
                 self.denoiser,
@@ -238,6 +249,7 @@ class Run:
                 device=device,
                 dtype=dtype,
                 chunk=chunk,
+                shape=None if self.size is None else self._latent_shape(self.size),
             )
         except IncompatibleError as exc:
             raise IncompatibleError(f"model {self.model_name}: {exc}") from None
@@ -245,6 +257,30 @@ class Run:
         self.defaults: dict[str, Any] = {}
 
     # -- resolution, once ----------------------------------------------------------------
+    def _size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of the images asked for, checked against what the model takes."""
+        try:
+            height, width = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise UserError(f"size must be (height, width); got {size!r}") from None
+        if not (0 < height <= MAX_SIZE and 0 < width <= MAX_SIZE):
+            raise UserError(f"size {width}x{height}: each side must be from 1 to {MAX_SIZE}")
+        if self.conditioning == "image":
+            raise UserError(
+                f"--size: model {self.model_name} is conditioned on an image, whose size sets "
+                "its output's; resize the condition images instead"
+            )
+        return height, width
+
+    def _latent_shape(self, size: tuple[int, int]) -> tuple[int, ...]:
+        """What the denoiser steps to make images of ``size``: the autoencoder's latents of
+        them, or the images themselves."""
+        native = tuple(self.denoiser.sample_shape)
+        if self.autoencoder is None:
+            return (native[0], *size)
+        channels = self.autoencoder.image_shape(native)[0]
+        return tuple(self.autoencoder.latent_shape((channels, *size)))
+
     def _schedule(
         self,
         name: str | None,
@@ -434,7 +470,7 @@ class Run:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        shape = self.denoiser.sample_shape
+        shape = self.loop.sample_shape
         return tuple(self.autoencoder.image_shape(shape)) if self.autoencoder else shape
 
     def conditions(
@@ -540,6 +576,8 @@ class Run:
             "chunk": self.loop.chunk,
             "versions": self.versions(),
         }
+        if self.size is not None:  # only when asked: the model's own size needs no record
+            recipe["size"] = list(self.size)
         if view is not None and "bridged_times" in view.info:
             model_process = self.denoiser.process
             planned = self.scheduler.native_process()
@@ -734,6 +772,7 @@ def _replay(
             options=options,
             strict_options=False,
             chunk=recipe.get("chunk", 0),
+            size=recipe.get("size"),
         )
     run.defaults = {k: recipe[k] for k in ("seeds", "prompts", "negative_prompts",
                                            "condition_images", "init_image", "mask",

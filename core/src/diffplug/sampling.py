@@ -215,9 +215,12 @@ def prepare(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     chunk: int | None = None,
+    shape: Sequence[int] | None = None,
 ) -> Loop:
     """Everything done once per run, before any step: the compatibility check, the plan,
-    the model view (bridge), the folded tables, the model's times and one preflight call."""
+    the model view (bridge), the folded tables, the model's times and one preflight call.
+    ``shape`` samples another (C, H, W) than the model's own (its latents, for a latent
+    model); one call at that shape first refuses a denoiser that cannot run it."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps <= MAX_STEPS:
         raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}; got {steps!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
@@ -242,13 +245,17 @@ def prepare(
     guided = guidance != 1.0 and conditioner is not None and conditioner.kind is not None
     if conditioner is not None and conditioner.kind is not None:
         _preflight(denoiser, conditioner, times[0], device, dtype)
+    native = tuple(denoiser.sample_shape)
+    shape = native if shape is None else tuple(int(v) for v in shape)
+    if shape != native:
+        _try_shape(denoiser, conditioner, times[0], shape, device, dtype)
     if chunk is None:  # on by default where it is cheap (the CPU) and needed (a network)
         exact = getattr(denoiser, "batch_invariant", False)
         small = sum(p.numel() for p in denoiser.parameters()) <= CHUNK_MAX_PARAMETERS
         chunk = DEFAULT_CHUNK if device.type == "cpu" and small and not exact else 0
     return Loop(denoiser, plan, view, tables, list(transforms), times, guidance, guided,
                 conditioner, autoencoder, noisy_steps, device, dtype, chunk, scheduler,
-                process)  # fmt: skip
+                process, shape)  # fmt: skip
 
 
 def _derive(
@@ -310,6 +317,12 @@ class Loop:
     #: the sampler and the process it planned on (for the plan's tail, img2img)
     scheduler: Scheduler | None = None
     process: Process | None = None
+    #: (C, H, W) of what the denoiser steps: its own ``sample_shape`` unless another was asked
+    shape: tuple[int, ...] = ()
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape or tuple(self.denoiser.sample_shape)
 
     def start_at(self, strength: float) -> Loop:
         """The loop of the last ``int(N * strength)`` of the plan's N steps (img2img; 1: this
@@ -476,14 +489,14 @@ class Loop:
         """A ``takes_mask`` denoiser's mask and masked image for one batch (without an init:
         everything regenerated, from a grey image)."""
         if rows is None:
-            shape = self.autoencoder.image_shape(self.denoiser.sample_shape) if (
-                self.autoencoder is not None) else self.denoiser.sample_shape  # fmt: skip
+            shape = self.autoencoder.image_shape(self.sample_shape) if (
+                self.autoencoder is not None) else self.sample_shape  # fmt: skip
             images = torch.zeros((size, *shape), device=self.device, dtype=self.dtype)
             mask = None
         else:
             images = rows.images.to(device=self.device, dtype=self.dtype)
             mask = None if rows.mask is None else rows.mask.to(self.device, self.dtype)
-        return mask_condition(images, mask, self._encode, self.denoiser.sample_shape[-2:])
+        return mask_condition(images, mask, self._encode, self.sample_shape[-2:])
 
 
 @dataclass
@@ -527,7 +540,7 @@ class _Batch:
                  and region.sigma[i + 1] > 0 for i in range(n)]  # fmt: skip
         draws = (loop.noisy_steps + resample * sum(1 + noisy[i] for i in range(n - 1))
                  + (1 + resample) * sum(fresh))  # fmt: skip
-        shape = loop.denoiser.sample_shape
+        shape = loop.sample_shape
         # half precision draws float32 noise and rounds it: a seed means the same noise
         drawn = loop.dtype if loop.dtype.itemsize >= 4 else torch.float32
         src = (
@@ -721,6 +734,39 @@ def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
             part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
         out.append(fn(part)[: chunk - pad])
     return torch.cat(out)
+
+
+def _try_shape(
+    denoiser: Denoiser, conditioner: Conditioner | None, t: torch.Tensor,
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """One call at a size the model was not made for: refused with the reason (a U-Net
+    whose levels do not divide it, a positional table too short) before any batch runs."""
+    size = "x".join(str(v) for v in shape[1:])
+    if len(shape) != len(denoiser.sample_shape) or shape[0] != denoiser.sample_shape[0]:
+        raise UserError(f"size {size}: the model samples {denoiser.sample_shape[0]}-channel "
+                        f"arrays of {len(denoiser.sample_shape) - 1} dimensions")  # fmt: skip
+    with torch.inference_mode():
+        x = torch.zeros(1, *shape, device=device, dtype=dtype)
+        cond = conditioner.null(1) if conditioner is not None else None
+        if takes_mask(denoiser):
+            cond = {**(cond or {}), "mask": x.new_ones((1, 1, *x.shape[-2:])), "masked": x}
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            with _autocast(torch.device(device), dtype):
+                out = denoiser(x, t.reshape(1), cond)
+        except Exception as exc:  # whatever the plugin raised, the reason is the size
+            raise UserError(
+                f"this model cannot sample at {size} (its own size is "
+                f"{'x'.join(str(v) for v in denoiser.sample_shape[1:])}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            denoiser.train(was_training)
+    if any(tuple(o.shape) != tuple(x.shape) for o in (out if isinstance(out, tuple | list)
+                                                      else (out,))):  # fmt: skip
+        raise UserError(f"this model cannot sample at {size}: its output has another shape")
 
 
 def _preflight(

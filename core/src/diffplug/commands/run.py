@@ -13,6 +13,27 @@ import click
 from diffplug.errors import UserError
 
 
+class SizeParam(click.ParamType):
+    """``768x512`` (width x height, as image editors write it) or ``512`` (a square), as
+    ``(height, width)``."""
+
+    name = "WIDTHxHEIGHT"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            sides = [int(v) for v in parts]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 2) or min(sides) < 1:
+            self.fail(f"{value!r} is not WIDTHxHEIGHT (e.g. 768x512) or one positive side", param,
+                      ctx)  # fmt: skip
+        width, height = sides if len(sides) == 2 else sides * 2
+        return height, width
+
+
 @click.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     epilog="Any other --OPTION goes to the sampler or the model's conditioner (with --pipeline: "
@@ -81,6 +102,13 @@ from diffplug.errors import UserError
     default=None,
     help="rows per denoiser call, the last padded: sample k is then bitwise the same at any "
     "--batch-size and thread count (0: whole batches)  [default: 64 on the CPU, 0 on GPUs]",
+)
+@click.option(
+    "--size",
+    type=SizeParam(),
+    default=None,
+    help="WIDTHxHEIGHT (or one side, square) of the images, where the model's network takes "
+    "it (a Stable Diffusion U-Net at 768x512)  [default: the model's own]",
 )
 @click.option(
     "--device",
@@ -208,7 +236,7 @@ def run(ctx: click.Context, **kw: Any) -> None:
 #: flags a recipe already fixes
 RECIPE_FIXES = ("sampler", "model", "pipeline", "conditioner", "guidance", "steps", "seed",
                 "num_samples", "threshold", "threshold_percentile", "condition_images",
-                "schedule", "sigma_min", "sigma_max", "chunk", "dtype", "init_image",
+                "schedule", "sigma_min", "sigma_max", "chunk", "dtype", "size", "init_image",
                 "strength", "mask", "repaint")  # fmt: skip
 
 
@@ -266,7 +294,7 @@ def _sample(
             model=kw["model"], sampler=kw["sampler"], pipeline=kw["pipeline"],
             steps=kw["steps"], schedule=kw["schedule"], sigma_min=kw["sigma_min"],
             sigma_max=kw["sigma_max"], conditioner=kw["conditioner"], guidance=kw["guidance"],
-            chunk=kw["chunk"], dtype=kw["dtype"],
+            chunk=kw["chunk"], dtype=kw["dtype"], size=kw["size"],
             threshold=kw["threshold"], percentile=kw["threshold_percentile"], device=device,
             **extra,
         )  # fmt: skip

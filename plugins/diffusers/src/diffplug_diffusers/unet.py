@@ -304,8 +304,16 @@ class DiffusersUNet(Denoiser):
                 "this SDXL UNet needs cond['pooled'] (the second text encoder's pooled "
                 "projection): use the clip-sdxl conditioner"
             )
-        ids = torch.tensor(self.config.time_ids, dtype=x.dtype, device=x.device)
+        ids = torch.tensor(self._time_ids(x), dtype=x.dtype, device=x.device)
         return {"text_embeds": pooled.to(x.dtype), "time_ids": ids.expand(x.shape[0], -1)}
+
+    def _time_ids(self, x: torch.Tensor) -> list[float]:
+        """The recorded size ids, scaled with the latents when they are sampled at another
+        size than the model's own (``--size``): the original and target sizes follow the
+        image, as diffusers' default (both the requested height and width); the crop stays."""
+        oh, ow, top, left, th, tw = self.config.time_ids
+        sy, sx = x.shape[-2] / self.config.size, x.shape[-1] / self.config.size
+        return [oh * sy, ow * sx, top, left, th * sy, tw * sx]
 
 
 def plain_config(config: Any) -> dict[str, Any]:
