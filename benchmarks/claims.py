@@ -157,10 +157,12 @@ def sample(name: str, draw: Callable[[list[int]], torch.Tensor],
     return cell
 
 
-def stage(model: str, sampler: str, steps: int, guidance: float = 1.0, threshold: str = "none",
-          percentile: float = 0.995, prompts: Sequence[str] | None = None,
+def stage(model: str, sampler: str, steps: int, guidance: float = 1.0,
+          threshold: str | None = "none", percentile: float | None = 0.995,
+          prompts: Sequence[str] | None = None,
           **options: object) -> Callable[[list[int]], torch.Tensor]:  # fmt: skip
-    """Draw a seed block; the k-th seed of a block takes the k-th prompt."""
+    """Draw a seed block; the k-th seed of a block takes the k-th prompt (``threshold``
+    None: the model's recorded thresholding, as the cascade uses it)."""
     spec = StageSpec(model, sampler, steps, guidance, threshold, percentile,
                      sampler_options=dict(options))  # fmt: skip
     conditions = list(prompts) if prompts is not None else None
@@ -464,10 +466,10 @@ def _threshold_name(kind: str, p: float) -> str:
 
 def noise_augmentation() -> str:
     prompts, labels = digit_prompts()
-    base = stage("imagen-digits-base", "ddim", 50, 3.0, "dynamic", 0.995, prompts)
+    base = stage("imagen-digits-base", "ddim", 50, 3.0, None, None, prompts)
     cells = []
     for model, level in (("imagen-digits-sr", 0.1), ("imagen-digits-sr-noaug", 0.0)):
-        spec = StageSpec(model, "ddpm", 25, 1.0, "dynamic", conditioner_options={"level": level})
+        spec = StageSpec(model, "ddpm", 25, 1.0, conditioner_options={"level": level})
 
         def draw(seeds: list[int], spec: StageSpec = spec) -> torch.Tensor:
             low = base(seeds)
@@ -488,9 +490,8 @@ def noise_augmentation() -> str:
 def latent_against_pixels() -> str:
     prompts, labels = digit_prompts()
     latent = stage("imagen-latent-digits", "ddim", 50, 3.0, "none", 0.995, prompts)
-    base = stage("imagen-digits-base", "ddim", 50, 3.0, "dynamic", 0.995, prompts)
-    sr = StageSpec("imagen-digits-sr", "ddpm", 25, 1.0, "dynamic",
-                   conditioner_options={"level": 0.1})  # fmt: skip
+    base = stage("imagen-digits-base", "ddim", 50, 3.0, None, None, prompts)
+    sr = StageSpec("imagen-digits-sr", "ddpm", 25, 1.0, conditioner_options={"level": 0.1})
 
     def cascade(seeds: list[int]) -> torch.Tensor:
         low = base(seeds)
