@@ -45,6 +45,16 @@ def test_a_latent_model_takes_the_image_size_and_samples_its_latents():
 def test_a_size_the_network_cannot_take_is_refused_with_the_reason():
     with pytest.raises(UserError, match=r"cannot sample at 12x12 \(its own size is 8x8\)"):
         diffplug.load(model="adm-digits", sampler="adm", steps=2, size=12)  # 3 halvings
+    # named width x height, as --size takes it: 16 wide, 12 high
+    with pytest.raises(UserError, match=r"cannot sample at 16x12 \("):
+        diffplug.load(model="adm-digits", sampler="adm", steps=2, size=(12, 16))
+    # a latent model's refusal names latents (vae-digits: 4x; its U-Net halves 8 -> 4 -> 2)
+    with pytest.raises(
+        UserError,
+        match=r"cannot sample at 12x8 latents \(its own size is "
+        r"8x8 latents\)",
+    ):
+        diffplug.load(model="adm-latent-digits", sampler="adm", steps=2, size=(32, 48))
 
 
 def test_an_image_conditioned_model_refuses_a_size():

@@ -248,7 +248,8 @@ def prepare(
     native = tuple(denoiser.sample_shape)
     shape = native if shape is None else tuple(int(v) for v in shape)
     if shape != native:
-        _try_shape(denoiser, conditioner, times[0], shape, device, dtype)
+        latent = not is_pixel_space(autoencoder)
+        _try_shape(denoiser, conditioner, times[0], shape, device, dtype, latent)
     if chunk is None:  # on by default where it is cheap (the CPU) and needed (a network)
         exact = getattr(denoiser, "batch_invariant", False)
         small = sum(p.numel() for p in denoiser.parameters()) <= CHUNK_MAX_PARAMETERS
@@ -738,11 +739,16 @@ def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 def _try_shape(
     denoiser: Denoiser, conditioner: Conditioner | None, t: torch.Tensor,
-    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, latent: bool,
 ) -> None:  # fmt: skip
     """One call at a size the model was not made for: refused with the reason (a U-Net
-    whose levels do not divide it, a positional table too short) before any batch runs."""
-    size = "x".join(str(v) for v in shape[1:])
+    whose levels do not divide it, a positional table too short) before any batch runs.
+    Sizes read width x height, as ``--size`` takes them."""
+
+    def name(s: Sequence[int]) -> str:
+        return "x".join(str(v) for v in reversed(s[1:])) + (" latents" if latent else "")
+
+    size = name(shape)
     if len(shape) != len(denoiser.sample_shape) or shape[0] != denoiser.sample_shape[0]:
         raise UserError(f"size {size}: the model samples {denoiser.sample_shape[0]}-channel "
                         f"arrays of {len(denoiser.sample_shape) - 1} dimensions")  # fmt: skip
@@ -759,8 +765,7 @@ def _try_shape(
         except Exception as exc:  # whatever the plugin raised, the reason is the size
             raise UserError(
                 f"this model cannot sample at {size} (its own size is "
-                f"{'x'.join(str(v) for v in denoiser.sample_shape[1:])}): "
-                f"{type(exc).__name__}: {exc}"
+                f"{name(denoiser.sample_shape)}): {type(exc).__name__}: {exc}"
             ) from None
         finally:
             denoiser.train(was_training)
