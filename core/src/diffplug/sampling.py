@@ -752,26 +752,40 @@ def _try_shape(
     if len(shape) != len(denoiser.sample_shape) or shape[0] != denoiser.sample_shape[0]:
         raise UserError(f"size {size}: the model samples {denoiser.sample_shape[0]}-channel "
                         f"arrays of {len(denoiser.sample_shape) - 1} dimensions")  # fmt: skip
+    x = torch.zeros(1, *shape, device=device, dtype=dtype)
     with torch.inference_mode():
-        x = torch.zeros(1, *shape, device=device, dtype=dtype)
-        cond = conditioner.null(1) if conditioner is not None else None
-        if takes_mask(denoiser):
-            cond = {**(cond or {}), "mask": x.new_ones((1, 1, *x.shape[-2:])), "masked": x}
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            with _autocast(torch.device(device), dtype):
-                out = denoiser(x, t.reshape(1), cond)
-        except Exception as exc:  # whatever the plugin raised, the reason is the size
-            raise UserError(
-                f"this model cannot sample at {size} (its own size is "
-                f"{name(denoiser.sample_shape)}): {type(exc).__name__}: {exc}"
-            ) from None
-        finally:
-            denoiser.train(was_training)
+        cond = _with_mask(denoiser, x, conditioner.null(1) if conditioner else None)
+    try:
+        out = _call_once(denoiser, x, t, cond, dtype)
+    except Exception as exc:  # whatever the plugin raised, the reason is the size
+        raise UserError(
+            f"this model cannot sample at {size} (its own size is "
+            f"{name(denoiser.sample_shape)}): {type(exc).__name__}: {exc}"
+        ) from None
     if any(tuple(o.shape) != tuple(x.shape) for o in (out if isinstance(out, tuple | list)
                                                       else (out,))):  # fmt: skip
         raise UserError(f"this model cannot sample at {size}: its output has another shape")
+
+
+def _call_once(
+    denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond, dtype: torch.dtype
+) -> Any:
+    """The denoiser on one sample ``x`` at time ``t``, as the loop will call it (eval mode,
+    autocast in half precision)."""
+    was_training = denoiser.training
+    denoiser.eval()  # as the loop will call it (batch norm, dropout)
+    try:
+        with torch.inference_mode(), _autocast(x.device, dtype):
+            return denoiser(x, t.reshape(1), cond)
+    finally:
+        denoiser.train(was_training)
+
+
+def _with_mask(denoiser: Denoiser, x: torch.Tensor, cond: Cond) -> Cond:
+    """``cond`` with an inpainting denoiser's mask and masked image (all regenerated)."""
+    if not takes_mask(denoiser):
+        return cond
+    return {**(cond or {}), "mask": x.new_ones((1, 1, *x.shape[-2:])), "masked": x}
 
 
 def _preflight(
@@ -783,25 +797,19 @@ def _preflight(
     with the reason here, not as a shape error from deep inside the first step."""
     with torch.inference_mode():
         null = conditioner.null(1)
-        if null is None:  # no null condition to try (and no guidance): the first step will tell
-            return
-        x = torch.zeros(1, *denoiser.sample_shape, device=device, dtype=dtype)
-        if takes_mask(denoiser):  # an inpainting denoiser reads a mask and a masked image
-            null = {**null, "mask": x.new_ones((1, 1, *x.shape[-2:])), "masked": x}
-        was_training = denoiser.training
-        denoiser.eval()  # as the loop will call it (batch norm, dropout)
-        try:
-            with _autocast(torch.device(device), dtype):
-                denoiser(x, t.reshape(1), null)
-        except Exception as exc:  # whatever the plugin raised, the reason is the combination
-            given = {k: tuple(v.shape) for k, v in null.items()}
-            raise IncompatibleError(
-                f"the denoiser ({type(denoiser).__name__}, {denoiser.conditioning} "
-                "conditioning) cannot read what conditioner "
-                f"{conditioner.name or type(conditioner).__name__!r} gives ({given}): {exc}"
-            ) from None
-        finally:
-            denoiser.train(was_training)
+    if null is None:  # no null condition to try (and no guidance): the first step will tell
+        return
+    x = torch.zeros(1, *denoiser.sample_shape, device=device, dtype=dtype)
+    null = _with_mask(denoiser, x, null)
+    try:
+        _call_once(denoiser, x, t, null, dtype)
+    except Exception as exc:  # whatever the plugin raised, the reason is the combination
+        given = {k: tuple(v.shape) for k, v in null.items()}
+        raise IncompatibleError(
+            f"the denoiser ({type(denoiser).__name__}, {denoiser.conditioning} "
+            "conditioning) cannot read what conditioner "
+            f"{conditioner.name or type(conditioner).__name__!r} gives ({given}): {exc}"
+        ) from None
 
 
 def _cat(a: Cond, b: Cond) -> Cond:
