@@ -556,27 +556,36 @@ def _write_failure(exc: OSError, location: str, out: Path) -> str:
     return f"{what}; {_still_standing(out)}"
 
 
+def _complete_state(out: Path) -> tuple[Path, int | None] | None:
+    """The complete state ``latest`` names, with its step (None if unreadable), or None."""
+    name = latest_state(out)
+    if name is None or not (out / name / "state.json").is_file():
+        return None
+    try:
+        return out / name, int(json.loads((out / name / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return out / name, None
+
+
 def _kept(out: Path) -> str:
     """What an aborted save left resumable (it may have got as far as naming its state)."""
-    name = latest_state(out)
-    if name is None:
+    state = _complete_state(out)
+    if state is None:
         return "nothing was saved"
-    step = name.removeprefix("state-")
-    where = f"step {int(step)}" if step.isdigit() else name
+    where = state[0] if state[1] is None else f"step {state[1]}"
     return f"{out} keeps its checkpoint at {where} (continue with --resume)"
 
 
 def _still_standing(out: Path) -> str:
     """The checkpoint in ``out`` that a failed write left complete, in words."""
-    name = latest_state(out)
-    if name is None or not (out / name / "state.json").is_file():
+    state = _complete_state(out)
+    if state is None:
         return "no checkpoint is complete yet"
-    try:
-        step = int(json.loads((out / name / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"the last complete checkpoint is {out / name}"
+    path, step = state
+    if step is None:
+        return f"the last complete checkpoint is {path}"
     return (
-        f"the last complete checkpoint is step {step} at {out / name} "
+        f"the last complete checkpoint is step {step} at {path} "
         "(free space, then continue with --resume)"
     )
 
