@@ -13,7 +13,7 @@ sampled once through the whole cascade at its defaults (base 16x16, super-resolu
   features) is the prompted one or one of its skin-tone variants, and among the nearest 10;
   a sample a person would name correctly should land on its own emoji;
 - FD in the classifier's 128-d features against the held-out emoji, beside the FD of as many
-  real training emoji (the floor at that sample count);
+  real training emoji (for scale, not a floor: the held-out prompts name the held-out emoji);
 - memorisation: the share of samples nearer (L2, 32x32 pixels) to some training emoji than
   90% of held-out emoji are to theirs (held-out emoji score 10% by construction).
 
@@ -82,9 +82,9 @@ def nearest(images: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
 def named(samples: torch.Tensor, split: str, index: torch.Tensor, reals: torch.Tensor) -> list[str]:
     """Shares of samples whose nearest 1 and 10 emoji of ``split`` include the prompted one."""
     bases = [r["base"] for r in Emoji().records(split)]
-    nearest = torch.cdist(features(samples), features(reals)).topk(10, largest=False).indices
+    closest = torch.cdist(features(samples), features(reals)).topk(10, largest=False).indices
     wanted = [bases[int(i)] for i in index]
-    hits = [[bases[int(j)] == want for j in row] for row, want in zip(nearest, wanted, strict=True)]
+    hits = [[bases[int(j)] == want for j in row] for row, want in zip(closest, wanted, strict=True)]
     chance = sum(bases.count(w) for w in wanted) / len(wanted) / len(bases)
     return [f"{100 * sum(h[0] for h in hits) / len(hits):.1f}% (chance {100 * chance:.2f}%)",
             f"{100 * sum(any(h) for h in hits) / len(hits):.1f}%"]  # fmt: skip
@@ -134,8 +134,8 @@ def run() -> str:
     held_feats = features(held_real)
     both = torch.cat(list(samples.values()))
     fd = frechet_distance(features(both), held_feats)
-    floor_index = torch.randperm(len(train_real), generator=g)[: len(both)]
-    floor = frechet_distance(features(train_real[floor_index]), held_feats)
+    scale_index = torch.randperm(len(train_real), generator=g)[: len(both)]
+    training_fd = frechet_distance(features(train_real[scale_index]), held_feats)
     baseline = torch.quantile(nearest(held_real, train_real), 0.10)
     memorised = float((nearest(both, train_real) < baseline).double().mean())
     picture()
@@ -148,8 +148,8 @@ def run() -> str:
         "",
         f"- FD in the emoji classifier's features against the {len(held_real)} held-out emoji: "
         f"**{fd:.1f}** for the {len(both)} samples; for scale, {len(both)} real training emoji "
-        f"score {floor:.1f} (not a floor: {len(held_real)} of the samples are prompted with the "
-        "held-out emoji's own captions, which the training emoji do not show).",
+        f"score {training_fd:.1f} (not a floor: {len(held_real)} of the samples are prompted "
+        "with the held-out emoji's own captions, which the training emoji do not show).",
         f"- memorisation: {100 * memorised:.1f}% of samples are nearer a training emoji than "
         "90% of held-out emoji are (held-out emoji: 10%).",
         f"- {len(subcategories())} subcategories; chance is about 1%.",

@@ -103,12 +103,9 @@ def plot(curves: dict) -> None:
 
 def recorded_thresholding(model: str) -> str:
     """A stage's thresholding at the cascade's defaults, as ``run`` resolves it."""
-    from diffplug.registry import default_registry
-    from diffplug.run import Run
+    import diffplug
 
-    probe = Run(default_registry(), sampler="ddim", model=model, steps=1, conditioner=None,
-                autoencoder=None, guidance=1.0, threshold=None, percentile=None,
-                device=torch.device("cpu"), options={})  # fmt: skip
+    probe = diffplug.load(model=model, sampler="ddim", steps=1, device="cpu")
     if probe.threshold == "dynamic":
         return f"dynamic, p = {probe.percentile:g}"
     return probe.threshold
