@@ -217,6 +217,12 @@ def test_another_size_equals_the_pipeline_at_that_height_and_width(checkpoint, p
                      "-o", str(cli))  # fmt: skip
     assert result.code == 0, result.err
     assert torch.equal(diffplug.load_tensors(cli)["samples"], mine.tensor)
+    # the README's form: the pipeline's own recorded sampler, only a size given
+    own = tmp_path / "own.safetensors"
+    result = run_cli("run", "--model", str(checkpoint), "--prompt", "a lighthouse", "--size",
+                     "24x32", "--steps", "2", "--num-samples", "1", "-q", "-o", str(own))  # fmt: skip
+    assert result.code == 0, result.err
+    assert diffplug.load_tensors(own)["samples"].shape == (1, 3, 32, 24)
 
 
 def test_a_size_the_vae_cannot_halve_is_one_line(checkpoint, tmp_path):

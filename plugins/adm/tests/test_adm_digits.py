@@ -79,6 +79,9 @@ def test_the_one_head_control_is_adm_digits_less_its_eps_branch():
         f.name: getattr(two.config, f.name) for f in dataclasses.fields(two.config)
     } | {"prediction": "x0"}
     assert set(one.state_dict()) == {k for k in two.state_dict() if "_eps" not in k}
+    # docs/models.md and docs/adm.md: 1.22M parameters against 1.85M
+    assert round(sum(p.numel() for p in one.parameters()) / 1e6, 2) == 1.22
+    assert round(sum(p.numel() for p in two.parameters()) / 1e6, 2) == 1.85
 
 
 @pytest.mark.slow
